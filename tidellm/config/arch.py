@@ -1,0 +1,43 @@
+"""Architecture description of a loaded model, independent of where it came from.
+
+Both loaders (Hugging Face folders and GGUF files) produce one of these, and every model class is
+built from one, so a model never parses config.json or GGUF metadata itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ArchConfig:
+    """Hyper-parameters of a decoder (or encoder) model, in Hugging Face terms."""
+
+    architecture: str  # HF class name, e.g. "LlamaForCausalLM"
+    model_type: str  # HF model_type, e.g. "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF-style rope scaling dict ({"rope_type": "llama3", "factor": ...}) or None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    # Family flags (qwen3 q/k norm, sliding window, ...) grow here as families are added.
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    # dtype the checkpoint was saved in ("float32", "bfloat16", "float16"), if known.
+    checkpoint_dtype: str | None = None
+    # Anything else from the source config, for families that need more.
+    extra: dict[str, Any] = field(default_factory=dict)
