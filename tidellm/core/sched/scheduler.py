@@ -1,0 +1,241 @@
+"""The scheduler: one counter model for prefill, chunked prefill, decode, prefix hits and resumption.
+
+Each step hands every request ``min(num_tokens - num_computed_tokens, budget left, chunk cap)`` tokens,
+running requests first (preempting the lowest-priority runner by recompute when blocks run out), then
+waiting requests with their prefix-cache hit subtracted. There is no prefill/decode phase flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tidellm.config import CacheConfig, SchedulerConfig
+from tidellm.core.kv_cache.manager import KVCacheManager
+from tidellm.core.request import Request, RequestStatus
+from tidellm.core.sched.output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from tidellm.core.sched.queue import make_queue
+from tidellm.engine.protocol import EngineCoreOutput, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        self.max_model_len = max_model_len
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting = make_queue(scheduler_config.policy)
+        self.running: list[Request] = []
+        # Ids the runner must forget at the next step.
+        self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests in / out
+    def add_request(self, request: Request) -> None:
+        request.block_size = self.block_size
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort, or stop on a front-end stop string) requests; unknown ids are ignored."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished():
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+            done.append(req)
+        return done
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self._finished_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or bool(len(self.waiting))
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ------------------------------------------------------------------ schedule
+    def _chunk(self, req: Request, num_new: int, budget: int) -> int:
+        cap = self.config.long_prefill_token_threshold
+        if cap > 0:
+            num_new = min(num_new, cap)
+        return min(num_new, budget)
+
+    def _preempt_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running)
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_ids.add(req.request_id)
+        self.waiting.add_preempted(req)
+        logger.debug("preempted %s", req.request_id)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached_reqs: list[CachedRequestData] = []
+        new_reqs: list[NewRequestData] = []
+        preempted_now = False
+
+        # 1) running requests, in order; preempt from the back when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._chunk(req, req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(req, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self._preempt_victim()
+                if victim.request_id in num_scheduled:  # priority policy: undo its slot in this step
+                    budget += num_scheduled.pop(victim.request_id)
+                    victim.num_computed_tokens = 0
+                    cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
+                if self.running.index(victim) < i:
+                    i -= 1
+                self._preempt(victim)
+                preempted_now = True
+                if victim is req:
+                    break
+            if new_blocks is None:  # req was itself the victim; the next runner now sits at index i
+                continue
+            num_scheduled[req.request_id] = num_new
+            cached_reqs.append(
+                CachedRequestData(req.request_id, [b.block_id for b in new_blocks], req.num_computed_tokens)
+            )
+            budget -= num_new
+            i += 1
+
+        # 2) waiting requests, unless this step already had to preempt.
+        while not preempted_now and len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            hit_blocks, num_hit = self.kv.get_computed_blocks(req)
+            num_new = self._chunk(req, req.num_tokens - num_hit, budget)
+            new_blocks = self.kv.allocate_slots(req, num_new, hit_blocks, num_hit)
+            if new_blocks is None:
+                break
+            self.waiting.pop()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self.kv.record_prefix_query(req.num_tokens, num_hit)
+            num_scheduled[req.request_id] = num_new
+            new_reqs.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    output_token_ids=list(req.output_token_ids),
+                    sampling_params=req.sampling_params,
+                    block_ids=self.kv.get_block_ids(req.request_id),
+                    num_computed_tokens=num_hit,
+                    eos_token_ids=req.eos_token_ids,
+                )
+            )
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_ids,
+            preempted_req_ids=self._preempted_ids,
+        )
+        self._finished_ids = set()
+        self._preempted_ids = set()
+        # Counters advance at schedule time; the runner's output only adds sampled tokens.
+        for rid, n in num_scheduled.items():
+            self.requests[rid].num_computed_tokens += n
+        return out
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for row, rid in enumerate(runner_out.req_ids):
+            req = self.requests.get(rid)
+            new_ids = runner_out.sampled_token_ids[row]
+            if req is None or not new_ids:
+                continue
+            req.append_output_token_ids(new_ids)
+            self._check_stop(req)
+            out = EngineCoreOutput(
+                request_id=rid,
+                new_token_ids=new_ids,
+                new_logprobs=[runner_out.logprobs[rid]] if rid in runner_out.logprobs else None,
+                prompt_logprobs=runner_out.prompt_logprobs.get(rid),
+                finish_reason=req.get_finish_reason(),
+                stop_reason=req.stop_reason,
+                num_cached_tokens=max(req.num_cached_tokens, 0),
+            )
+            if req.is_finished():
+                self.running.remove(req)
+                self._free(req)
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, req: Request) -> None:
+        token = req.output_token_ids[-1]
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in req.eos_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                return
+            if params.stop_token_ids and token in params.stop_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = token
+                return
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+
+    # ------------------------------------------------------------------ stats
+    def make_stats(self) -> SchedulerStats:
+        s = self.kv.stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage(),
+            prefix_cache_queries=s.queries,
+            prefix_cache_hits=s.hits,
+            num_preemptions=self.num_preemptions,
+            num_kv_blocks=self.kv.num_blocks,
+        )
+
+    def now(self) -> float:
+        return time.monotonic()

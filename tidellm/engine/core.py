@@ -1,0 +1,92 @@
+"""The engine core: scheduler + executor, one ``step()`` at a time. Runs in-process or in its own process."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tidellm.config import EngineConfig
+from tidellm.core.request import Request, RequestStatus
+from tidellm.core.sched.scheduler import Scheduler
+from tidellm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from tidellm.model_executor.loader import ModelSource, load_model_source
+from tidellm.platforms import device_summary, resolve_device, resolve_dtype
+from tidellm.worker.model_runner import ModelRunner, seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        device = resolve_device(config.device.device)
+        if config.device.num_threads and device.type == "cpu":
+            torch.set_num_threads(config.device.num_threads)
+        dtype = resolve_dtype(config.model.dtype, device)
+        seed_everything(config.model.seed)
+        if source is None:
+            source = load_model_source(config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision)
+        self.source = source
+        self.runner = ModelRunner(config, source, device, dtype)
+        plan = self.runner.kv_plan
+        self.max_model_len = plan.max_model_len
+        self.scheduler = Scheduler(config.scheduler, config.cache, plan.num_blocks, plan.max_model_len)
+        self.startup_seconds = time.perf_counter() - t0
+        logger.info("Model %s", source.description)
+        logger.info(
+            "Device %s, dtype %s, weights %.0f MiB loaded in %.1f s",
+            device_summary(device),
+            str(dtype).removeprefix("torch."),
+            self.runner.load_report.weight_bytes / 2**20,
+            self.runner.load_report.load_seconds,
+        )
+        logger.info(
+            "KV cache: %.2f GiB, %d blocks of %d = %d tokens; max_model_len %d → max concurrency %.1fx; prefix caching %s",
+            plan.total_bytes / 2**30,
+            plan.num_blocks,
+            plan.block_size,
+            plan.capacity_tokens,
+            plan.max_model_len,
+            plan.max_concurrency,
+            "on" if config.cache.enable_prefix_caching else "off",
+        )
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self.scheduler.add_request(
+            Request(
+                req.request_id,
+                req.prompt_token_ids,
+                req.sampling_params,
+                eos_token_ids=req.eos_token_ids,
+                max_tokens=req.max_tokens,
+                arrival_time=req.arrival_time or None,
+                priority=req.priority,
+                block_size=self.config.cache.block_size,
+                cache_salt=req.cache_salt,
+            )
+        )
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> EngineCoreOutputs:
+        outputs: list[EngineCoreOutput] = []
+        if self.scheduler.has_unfinished_requests():
+            sched_out = self.scheduler.schedule()
+            runner_out = self.runner.execute_model(sched_out)
+            outputs = self.scheduler.update_from_output(sched_out, runner_out)
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time())
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

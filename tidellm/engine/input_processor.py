@@ -1,0 +1,86 @@
+"""Turn a user prompt and sampling parameters into a validated engine-core request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tidellm.engine.protocol import EngineCoreRequest
+from tidellm.sample.params import SamplingParams
+from tidellm.tokenizer.tokenizer import Tokenizer
+
+PromptType = str | Sequence[int]
+
+
+class PromptTooLongError(ValueError):
+    """Prompt (or prompt + max_tokens) exceeds the context; carries the numbers for HTTP errors."""
+
+    def __init__(self, message: str, prompt_tokens: int, max_model_len: int) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.max_model_len = max_model_len
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, max_logprobs: int = 20) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.max_logprobs = max_logprobs
+
+    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise ValueError("prompt token ids must be a list of integers.")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size}).")
+        return None, ids
+
+    def process(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        strict_length: bool = False,
+    ) -> EngineCoreRequest:
+        """Validate lengths and resolve ``max_tokens``.
+
+        With ``strict_length`` (the HTTP server, like OpenAI), prompt + max_tokens over the context is an
+        error; offline, max_tokens is clipped so the request ends with finish_reason "length".
+        """
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("The prompt is empty; pass at least one token.")
+        if n >= self.max_model_len:
+            raise PromptTooLongError(
+                f"The prompt has {n} tokens but this model's context (max_model_len) is {self.max_model_len} "
+                "tokens and at least one must be left to generate; shorten the prompt.",
+                n,
+                self.max_model_len,
+            )
+        room = self.max_model_len - n
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if strict_length and max_tokens > room:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). Reduce the prompt "
+                "or max_tokens.",
+                n,
+                self.max_model_len,
+            )
+        params.verify(self.vocab_size, self.max_logprobs)
+        return EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=params,
+            max_tokens=min(max_tokens, room),
+            eos_token_ids=list(self.tokenizer.eos_token_ids),
+            arrival_time=arrival_time or time.time(),
+            priority=priority,
+        )

@@ -1,0 +1,55 @@
+"""Messages between the front end and the engine core: typed msgspec structs (msgpack on the wire).
+
+They are plain data so the same objects serve the in-process engine and the ZMQ engine-core process.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tidellm.sample.params import SamplingParams
+
+# (token ids, logprobs, rank of the sampled/target token): the first id is the sampled one, then the top-N.
+LogprobEntry = tuple[list[int], list[float], int]
+
+
+class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[LogprobEntry] | None = None
+    # Sent once, with the first sampled token: entries for prompt positions 1..len-1.
+    prompt_logprobs: list[LogprobEntry] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct):
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_kv_blocks: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    timestamp: float = 0.0

@@ -1,0 +1,120 @@
+"""The offline API: ``LLM(model=...).generate(prompts, params)`` and ``.chat(messages, params)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tidellm.engine.llm_engine import LLMEngine
+from tidellm.logger import configure_logging
+from tidellm.outputs import RequestOutput
+from tidellm.sample.params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Batch inference on one model.
+
+    Args are the engine settings (see ``tidellm.config``), e.g. ``LLM(model="smollm2-135m", dtype="float32",
+    max_num_seqs=64, kv_cache_memory_gb=1)``.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        configure_logging(kwargs.pop("log_level", "INFO"))
+        if model is not None:
+            kwargs["model"] = model
+        self.engine = LLMEngine.from_kwargs(**kwargs)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate completions; results come back in the order of ``prompts``."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _broadcast(sampling_params, len(prompt_list))
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts.")
+        return self._run(prompt_list, params, priority, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts = [
+            tok.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools
+            )
+            for conv in conversations
+        ]
+        # The template already carries any bos token; encoding must not add a second one.
+        token_prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        params = _broadcast(sampling_params, len(prompts))
+        outputs = self._run(token_prompts, params, None, use_tqdm)
+        for out, text in zip(outputs, prompts, strict=True):
+            out.prompt = text
+        return outputs
+
+    def _run(self, prompts, params, priority, use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            rid = engine.next_request_id()
+            engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+            ids.append(rid)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        out_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"{out_tokens / elapsed:.1f} out tok/s", refresh=False)
+        except BaseException:
+            engine.abort_request([r for r in ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in ids]
+
+
+def _as_prompt_list(prompts) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _broadcast(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"Got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt.")
+    return params

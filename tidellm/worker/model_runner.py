@@ -1,0 +1,186 @@
+"""The model runner: owns the model, the KV cache tensors and per-request device-side state.
+
+One ``execute_model`` call = build the flattened inputs from the scheduler's plain-data output, run the
+forward pass, compute logits only for rows that sample (and for prompt-logprob positions), sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidellm.config import EngineConfig
+from tidellm.core.sched.output import ModelRunnerOutput, SchedulerOutput
+from tidellm.engine.protocol import LogprobEntry
+from tidellm.model_executor.forward_context import set_forward_context
+from tidellm.model_executor.layers.attention import AttentionMetadata
+from tidellm.model_executor.loader import ModelLoadError, ModelSource
+from tidellm.model_executor.models.registry import get_model_class
+from tidellm.platforms import available_memory_bytes
+from tidellm.sample.metadata import RowState, SamplingMetadata
+from tidellm.sample.sampler import Sampler, compute_prompt_logprobs
+from tidellm.worker.input_batch import CachedRequestState, build_step_inputs
+from tidellm.worker.kv_cache import KVCachePlan, plan_kv_cache
+
+logger = logging.getLogger(__name__)
+
+# Mixed into a request's seed with its output position, so a seeded request draws the same numbers
+# whatever else is in the batch and after being preempted and resumed.
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class LoadReport:
+    load_seconds: float
+    weight_bytes: int
+    kv_plan: KVCachePlan
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.arch = source.arch
+        self.block_size = config.cache.block_size
+        self.states: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self.vocab_size = self.arch.vocab_size
+
+        t0 = time.perf_counter()
+        self._check_weights_fit()
+        model_cls = get_model_class(self.arch)
+        with torch.device(device):
+            self.model = model_cls(self.arch, dtype=dtype, device=device)
+        self.model.load_weights(source.iter_weights())
+        self.model.eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.kv_plan = plan_kv_cache(config, self.arch, dtype, device)
+        self.max_model_len = self.kv_plan.max_model_len
+        self.kv_caches = self.kv_plan.allocate()
+        self.load_report = LoadReport(time.perf_counter() - t0, weight_bytes, self.kv_plan)
+
+    def _check_weights_fit(self) -> None:
+        need = self.source.num_params() * torch.empty((), dtype=self.dtype).element_size()
+        avail = available_memory_bytes(self.device)
+        if need > avail * 0.9:
+            raise ModelLoadError(
+                f"The model needs {need / 2**30:.2f} GiB for its weights in {self.dtype} but only "
+                f"{avail / 2**30:.2f} GiB of {self.device.type} memory is available. Free memory, pick a smaller "
+                "model, or a smaller dtype (e.g. dtype='bfloat16')."
+            )
+
+    # ------------------------------------------------------------------ state
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_req_ids | sched.preempted_req_ids:
+            self.states.pop(rid, None)
+        for new in sched.scheduled_new_reqs:
+            self.states[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                token_ids=[*new.prompt_token_ids, *new.output_token_ids],
+                num_prompt_tokens=len(new.prompt_token_ids),
+                sampling_params=new.sampling_params,
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                eos_token_ids=new.eos_token_ids,
+            )
+        for cached in sched.scheduled_cached_reqs:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        req_ids = list(sched.num_scheduled_tokens)
+        states = [self.states[r] for r in req_ids]
+        counts = [sched.num_scheduled_tokens[r] for r in req_ids]
+        step = build_step_inputs(states, counts, self.block_size)
+
+        meta = AttentionMetadata.build(
+            query_start_loc=step.query_start_loc,
+            seq_lens=step.seq_lens,
+            block_table=step.block_table,
+            slot_mapping=step.slot_mapping,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        input_ids = torch.from_numpy(step.input_ids).to(self.device)
+        positions = torch.from_numpy(step.positions).to(self.device)
+        with set_forward_context(meta, self.kv_caches):
+            hidden = self.model(input_ids, positions)  # [T, H]
+
+        prompt_lp = self._prompt_logprobs(states, step, hidden)
+
+        sampled: list[list[int]] = [[] for _ in req_ids]
+        logprobs: dict[str, LogprobEntry] = {}
+        if step.sample_rows:
+            idx = torch.from_numpy(step.sample_token_idx).to(self.device)
+            logits = self.model.compute_logits(hidden[idx])  # [S, V] fp32
+            rows = [self._row_state(states[i]) for i in step.sample_rows]
+            meta_s = SamplingMetadata.build(rows, self.vocab_size, self.device)
+            out = self.sampler(logits, meta_s)
+            for j, i in enumerate(step.sample_rows):
+                tok = out.sampled_token_ids[j]
+                sampled[i] = [tok]
+                states[i].token_ids.append(tok)
+                if out.logprobs is not None and states[i].sampling_params.logprobs is not None:
+                    logprobs[req_ids[i]] = out.logprobs.row(j, states[i].sampling_params.logprobs)
+        for i, s in enumerate(states):
+            s.num_computed_tokens += counts[i]
+        return ModelRunnerOutput(req_ids, sampled, logprobs, prompt_lp)
+
+    def _row_state(self, s: CachedRequestState) -> RowState:
+        p = s.sampling_params
+        gen = None
+        if p.seed is not None and not p.greedy:
+            n_out = len(s.token_ids) - s.num_prompt_tokens
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed((p.seed * _SEED_STRIDE + n_out) % (2**63))
+        return RowState(
+            params=p,
+            prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
+            output_token_ids=s.output_token_ids,
+            generator=gen,
+            eos_token_ids=list(s.eos_token_ids),
+        )
+
+    def _prompt_logprobs(self, states: list[CachedRequestState], step, hidden: torch.Tensor) -> dict:
+        """Logprobs of prompt tokens 1.., accumulated over chunks and returned when the prompt is done."""
+        done: dict[str, list[LogprobEntry]] = {}
+        for i, s in enumerate(states):
+            num_top = s.sampling_params.prompt_logprobs
+            if num_top is None or s.num_computed_tokens >= s.num_prompt_tokens:
+                continue
+            a = int(step.query_start_loc[i])
+            start = s.num_computed_tokens
+            # positions start..end-1 predict tokens start+1..end (targets must be prompt tokens)
+            end = min(start + int(step.query_start_loc[i + 1]) - a, s.num_prompt_tokens - 1)
+            if end > start:
+                logits = self.model.compute_logits(hidden[a : a + end - start])
+                targets = torch.tensor(s.token_ids[start + 1 : end + 1], device=self.device)
+                s.prompt_logprobs.extend(compute_prompt_logprobs(logits, targets, num_top))
+            if start + int(step.query_start_loc[i + 1]) - a >= s.num_prompt_tokens:
+                done[s.req_id] = s.prompt_logprobs
+        return done
+
+    # ------------------------------------------------------------------ misc
+    def check_health(self) -> None:
+        """Raises if the runner cannot serve (nothing to check in-process yet)."""
+
+    def shutdown(self) -> None:
+        self.kv_caches = []
+        self.states.clear()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
