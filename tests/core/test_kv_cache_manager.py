@@ -79,7 +79,8 @@ def test_eviction_lru_and_out_of_blocks():
     assert kv.pool.num_evictions == 1
     hits, n_hit = kv.get_computed_blocks(make_req("a2", list(range(8))))
     assert [h.block_id for h in hits] == [0] and n_hit == 4
-    assert kv.allocate_slots(c, 4) is not None  # one more block: takes block 0 and evicts it
+    c.num_computed_tokens = 12
+    assert [b.block_id for b in kv.allocate_slots(c, 4)] == [0]  # one more block: takes block 0, evicting it
     assert kv.pool.num_evictions == 2
     assert kv.get_computed_blocks(make_req("a3", list(range(8)))) == ([], 0)
 

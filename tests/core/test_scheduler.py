@@ -141,8 +141,10 @@ def test_preemption_by_recompute_and_resume():
     o, _ = run_step(s)
     new = o.scheduled_new_reqs[0]
     assert new.req_id == "b" and new.output_token_ids == [7] * n_out_b
-    assert new.num_computed_tokens == 12  # 13 known tokens, 3 full blocks hit (b's own freed blocks)
-    assert o.num_scheduled_tokens == {"b": 13 - 12}
+    # b's blocks were freed tail first ([5, 3, 2]); a grew into 5 and 3, evicting them, so only block 2
+    # (tokens 0-3) is still cached and b recomputes the rest.
+    assert new.block_ids[0] == 2 and new.num_computed_tokens == 4
+    assert o.num_scheduled_tokens == {"b": 13 - 4}
     while s.has_unfinished_requests():
         run_step(s)
     assert s.kv.pool.num_free_blocks == 6
