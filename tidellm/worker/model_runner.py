@@ -145,10 +145,12 @@ class ModelRunner:
             n_out = len(s.token_ids) - s.num_prompt_tokens
             gen = torch.Generator(device=self.device)
             gen.manual_seed((p.seed * _SEED_STRIDE + n_out) % (2**63))
+        # Token histories are only read by penalties; skip copying them otherwise.
+        penalties = p.uses_penalties
         return RowState(
             params=p,
-            prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
-            output_token_ids=s.output_token_ids,
+            prompt_token_ids=s.token_ids[: s.num_prompt_tokens] if penalties else [],
+            output_token_ids=s.output_token_ids if penalties or p.min_tokens else [],
             generator=gen,
             eos_token_ids=list(s.eos_token_ids),
         )
