@@ -1,0 +1,6 @@
+"""Attention: the layer, its per-step metadata and backends."""
+
+from tidellm.model_executor.layers.attention.layer import Attention, write_kv_cache
+from tidellm.model_executor.layers.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+
+__all__ = ["Attention", "AttentionMetadata", "DecodeBatch", "PrefillChunk", "write_kv_cache"]

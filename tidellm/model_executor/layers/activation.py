@@ -1,0 +1,16 @@
+"""Gated activations on the merged gate_up projection output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """``silu(x[..., :d]) * x[..., d:]``: the SwiGLU gate on a merged [gate | up] projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        out = F.silu(x[..., :d])  # [..., d], a fresh tensor we may update in place
+        return out.mul_(x[..., d:])

@@ -1,0 +1,28 @@
+"""The paged KV cache tensors: one per layer, ``[2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]``."""
+
+from __future__ import annotations
+
+import torch
+
+from tidellm.config.arch import ArchConfig
+
+
+def kv_cache_shape(arch: ArchConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
+    return (2, num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
+
+
+def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers (K and V)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_layer = 2 * block_size * arch.num_key_value_heads * arch.head_dim * itemsize
+    return per_layer * arch.num_hidden_layers
+
+
+def allocate_kv_caches(
+    arch: ArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Zero-filled so that padding slots a decode batch reads (and masks out) never hold NaN garbage."""
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"need num_blocks >= 1 and block_size >= 1 (got {num_blocks}, {block_size})")
+    shape = kv_cache_shape(arch, num_blocks, block_size)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
