@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tidellm.engine.protocol import EngineCoreRequest
 from tidellm.sample.params import SamplingParams
 from tidellm.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tidellm.engine.output_processor import OutputKind, OutputProcessor
 
 PromptType = str | Sequence[int]
 
@@ -84,3 +88,39 @@ class InputProcessor:
             arrival_time=arrival_time or time.time(),
             priority=priority,
         )
+
+
+def register_request(
+    input_processor: InputProcessor,
+    output_processor: OutputProcessor,
+    request_id: str,
+    prompt: PromptType,
+    params: SamplingParams,
+    *,
+    kind: OutputKind,
+    priority: int = 0,
+    arrival_time: float | None = None,
+    strict_length: bool = False,
+    add_special_tokens: bool = True,
+) -> list[EngineCoreRequest]:
+    """Tokenize, validate, fan ``n > 1`` out into children and register them with the output processor.
+
+    Shared by the in-process ``LLMEngine`` and the API server's ``AsyncLLM``, so both front ends accept and
+    reject exactly the same requests. Validation runs before anything is registered: on an error nothing
+    is left behind. Returns the engine-core requests to send (one per child).
+    """
+    if request_id in output_processor.parents:
+        raise ValueError(f"request id {request_id!r} is already in use.")
+    text, ids = input_processor.tokenize(prompt, add_special_tokens=add_special_tokens)
+    arrival_time = arrival_time or time.time()
+    children = params.child_params() if params.n > 1 else [params]
+    core_reqs = [
+        input_processor.process(
+            request_id, ids, p, arrival_time=arrival_time, priority=priority, strict_length=strict_length
+        )
+        for p in children
+    ]
+    child_ids = output_processor.add_request(request_id, text, ids, children, kind, arrival_time)
+    for cid, req in zip(child_ids, core_reqs, strict=True):
+        req.request_id = cid
+    return core_reqs

@@ -7,12 +7,11 @@ the same input/output processors around an engine core in another process.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
 
 from tidellm.config import EngineConfig
 from tidellm.engine.core import EngineCore
-from tidellm.engine.input_processor import InputProcessor, PromptType
+from tidellm.engine.input_processor import InputProcessor, PromptType, register_request
 from tidellm.engine.output_processor import OutputKind, OutputProcessor
 from tidellm.engine.protocol import SchedulerStats
 from tidellm.model_executor.loader import load_model_source
@@ -52,17 +51,17 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> None:
-        if request_id in self.output_processor.parents:
-            raise ValueError(f"request id {request_id!r} is already in use.")
-        text, ids = self.input_processor.tokenize(prompt)
-        arrival_time = arrival_time or time.time()
-        children = params.child_params() if params.n > 1 else [params]
-        core_reqs = [
-            self.input_processor.process(request_id, ids, p, arrival_time=arrival_time, priority=priority) for p in children
-        ]
-        child_ids = self.output_processor.add_request(request_id, text, ids, children, kind, arrival_time)
-        for cid, req in zip(child_ids, core_reqs, strict=True):
-            req.request_id = cid
+        core_reqs = register_request(
+            self.input_processor,
+            self.output_processor,
+            request_id,
+            prompt,
+            params,
+            kind=kind,
+            priority=priority,
+            arrival_time=arrival_time,
+        )
+        for req in core_reqs:
             self.core.add_request(req)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:

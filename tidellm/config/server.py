@@ -1,0 +1,56 @@
+"""Settings of the OpenAI-compatible HTTP server (``tidellm serve``), separate from the engine's.
+
+Like the engine configs, every field documents itself and the CLI builds its flags from these fields.
+A field may name an environment variable in ``metadata["env"]``: the flag then *defaults* to that
+variable's value (and says so in ``--help``), so a setting is read from one place, never silently from two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tidellm.config.engine import _f
+
+API_KEY_ENV = "TIDELLM_API_KEY"
+
+
+@dataclass
+class ServerConfig:
+    host: str = _f(
+        "127.0.0.1",
+        "Address to listen on. The default only accepts local connections; use 0.0.0.0 to serve the network.",
+    )
+    port: int = _f(8000, "TCP port to listen on.")
+    served_model_name: str | None = _f(
+        None,
+        "Model name clients send in the 'model' field and that /v1/models lists (default: the model argument).",
+    )
+    api_key: str | None = _f(
+        None,
+        "Require 'Authorization: Bearer KEY' on /v1/* and /tokenize, /detokenize (default: $TIDELLM_API_KEY, "
+        "unset = no auth).",
+        env=API_KEY_ENV,
+    )
+    chat_template: str | None = _f(
+        None, "Chat template: a Jinja file path or the template text; overrides the model's own template."
+    )
+    log_level: str = _f(
+        "INFO", "Log level of tidellm and the engine process.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    access_log: bool = _f(False, "Log one line per HTTP request.")
+    shutdown_timeout: float = _f(
+        30.0, "On SIGTERM, seconds to let in-flight requests finish before they are cancelled."
+    )
+    engine_startup_timeout: float = _f(
+        600.0, "Seconds to wait for the engine process to load the model and report ready."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535] (got {self.port}).")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 (got {self.shutdown_timeout}).")
+        if self.engine_startup_timeout <= 0:
+            raise ValueError(f"engine_startup_timeout must be > 0 (got {self.engine_startup_timeout}).")
+        if self.api_key == "":
+            self.api_key = None
