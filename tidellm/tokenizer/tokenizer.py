@@ -6,7 +6,8 @@ from the tokenizer config (special tokens, chat template) are plain data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import tokenizers
@@ -47,6 +48,31 @@ class Tokenizer:
         self.backend.no_truncation()
         self.backend.no_padding()
 
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_hf_folder(cls, path: str | Path) -> Tokenizer:
+        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, generation_config.json and
+        the chat template (chat_template.jinja or tokenizer_config.json)."""
+        from tidellm.tokenizer.hf_tokenizer import tokenizer_kwargs_from_hf_folder
+
+        backend, kwargs = tokenizer_kwargs_from_hf_folder(Path(path))
+        return cls(backend, **kwargs)
+
+    @classmethod
+    def from_gguf(
+        cls, source: str | Path | Mapping[str, Any], *, cache_file: str | Path | None = None
+    ) -> Tokenizer:
+        """From a GGUF file (or its already-parsed metadata). Converting a SentencePiece vocabulary
+        takes seconds, so with ``cache_file`` the converted backend is saved there and reused."""
+        from tidellm.tokenizer.gguf_tokenizer import load_gguf_backend, tokenizer_config_from_gguf
+
+        if isinstance(source, (str, Path)):
+            from tidellm.model_executor.loader.gguf_file import GGUFFile
+
+            source = GGUFFile(source).metadata
+        backend = load_gguf_backend(source, Path(cache_file) if cache_file is not None else None)
+        return cls(backend, **tokenizer_config_from_gguf(source))
+
     # ---------------------------------------------------------------- tokens
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -69,7 +95,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
-            if self.add_bos_token and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            if (
+                self.add_bos_token
+                and self.bos_token_id is not None
+                and (not ids or ids[0] != self.bos_token_id)
+            ):
                 ids = [self.bos_token_id, *ids]
             if self.add_eos_token and self.eos_token_id is not None:
                 ids = [*ids, self.eos_token_id]

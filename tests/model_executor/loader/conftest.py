@@ -1,0 +1,303 @@
+"""Builders for the loader tests: tiny GGUF files written with ``gguf.GGUFWriter`` and tiny transformers
+models, so that every format path is exercised in milliseconds without the real models.
+
+Helpers are handed out as fixtures (test modules here are not a package and cannot import each other).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(autouse=True)
+def _skip_slow_unless_asked(request: pytest.FixtureRequest) -> None:
+    """Slow tests (multi-hundred-MB fetches) run only with ``-m slow`` or TIDELLM_SLOW_TESTS=1."""
+    if request.node.get_closest_marker("slow") is None:
+        return
+    if "slow" in (request.config.getoption("markexpr") or "") or os.environ.get("TIDELLM_SLOW_TESTS") == "1":
+        return
+    pytest.skip("slow test: run with -m slow or TIDELLM_SLOW_TESTS=1")
+
+
+def byte_vocab() -> tuple[list[str], list[int], list[str]]:
+    """A tiny byte-level BPE vocabulary: 256 byte symbols, a few merges, ChatML specials (control)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = bytes_to_unicode()
+    tokens = list(SPECIALS) + [alphabet[b] for b in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "l l", "Ġ w", "o r"]
+    tokens += [m.replace(" ", "") for m in merges]
+    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
+    return tokens, types, merges
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    metadata: dict[str, Any],
+    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]],
+    *,
+    with_tokenizer: bool = True,
+) -> Path:
+    """Write a GGUF file; float tensors are quantized to the given type with ``gguf.quants.quantize``."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in metadata.items():
+        full = key if key.startswith(("general.", "tokenizer.")) else f"{arch}.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(full, value)
+        elif isinstance(value, int):
+            writer.add_uint32(full, value)
+        elif isinstance(value, float):
+            writer.add_float32(full, value)
+        elif isinstance(value, str):
+            writer.add_string(full, value)
+        else:
+            writer.add_array(full, value)
+    if with_tokenizer:
+        tokens, types, merges = byte_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_chat_template(
+            "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+        )
+    for name, array, qtype in tensors:
+        array = np.ascontiguousarray(array)
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor(name, array.astype(dtype))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k permutation (convert_hf_to_gguf's ``permute``), written out for the round trip."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+}
+_TO_GGUF_LLAMA = {**_TO_GGUF, "post_attention_layernorm": "ffn_norm"}
+_TO_GGUF_GEMMA3 = {
+    **_TO_GGUF,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def hf_to_gguf(
+    model: torch.nn.Module,
+    path: Path,
+    arch: str,
+    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+) -> Path:
+    """Write a transformers decoder as llama.cpp would: names, q/k permutation (llama), 1 + w norms (gemma3)."""
+    cfg = model.config
+    table = _TO_GGUF_GEMMA3 if arch == "gemma3" else _TO_GGUF_LLAMA
+    tensors = []
+    for name, value in model.state_dict().items():
+        w = value.float().numpy()
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            base, kind = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{table[base]}.{kind}"
+        else:
+            gname = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+            }.get(name, "output.weight")
+        if arch == "llama" and base_is(gname, "attn_q"):
+            w = permute_rows(w, cfg.num_attention_heads)
+        if arch == "llama" and base_is(gname, "attn_k"):
+            w = permute_rows(w, cfg.num_key_value_heads)
+        if arch == "gemma3" and gname.endswith("norm.weight"):
+            w = w + 1.0
+        tensors.append((gname, w, qtype if w.ndim == 2 else gguf.GGMLQuantizationType.F32))
+    meta: dict[str, Any] = {
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_hidden_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": cfg.num_attention_heads,
+        "attention.head_count_kv": cfg.num_key_value_heads,
+        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        "rope.freq_base": float(cfg.rope_parameters.get("rope_theta") if arch != "gemma3" else 1e6),
+        "attention.key_length": head_dim(cfg),
+        "attention.value_length": head_dim(cfg),
+    }
+    if arch == "gemma3":
+        meta["attention.sliding_window"] = cfg.sliding_window
+    return write_gguf(path, arch, meta, tensors)
+
+
+def head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def base_is(gguf_name: str, base: str) -> bool:
+    return gguf_name.split(".")[2] == base if gguf_name.startswith("blk.") else False
+
+
+def tiny_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random transformers decoder whose vocabulary matches ``byte_vocab``; every parameter random
+    (Gemma initialises its norms to zero, which would hide a wrong 1 + w offset)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    vocab = len(byte_vocab()[0])
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=5000.0))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=False)
+        )
+    elif family == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            **{**common, "num_key_value_heads": 1}, head_dim=32, sliding_window=16, query_pre_attn_scalar=32
+        )
+        model = transformers.Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def gguf_writer() -> Callable[..., Path]:
+    return write_gguf
+
+
+@pytest.fixture
+def hf_gguf_writer() -> Callable[..., Path]:
+    return hf_to_gguf
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., torch.nn.Module]:
+    return tiny_hf_model
+
+
+@pytest.fixture
+def cfg_head_dim() -> Callable[[Any], int]:
+    return head_dim
+
+
+@pytest.fixture
+def permute() -> Callable[[np.ndarray, int], np.ndarray]:
+    return permute_rows
+
+
+def byte_level_tokenizer_json(path: Path) -> None:
+    """tokenizer.json for ``byte_vocab``, built directly with ``tokenizers`` (no post-processor)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, _, merges = byte_vocab()
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    tok.save(str(path))
+
+
+def v5_to_v4(folder: Path) -> None:
+    """Rewrite a transformers v5 folder the way v4 wrote it: torch_dtype, top-level rope_theta/rope_scaling,
+    the chat template inside tokenizer_config.json."""
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    template = folder / "chat_template.jinja"
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["chat_template"] = template.read_text()
+    template.unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def make_hf_folder_impl(
+    folder: Path,
+    *,
+    max_shard_size: str | None = None,
+    layout: str = "v5",
+    dtype: torch.dtype = torch.float32,
+    **cfg_kw: Any,
+) -> Path:
+    """A tiny random Llama saved by transformers, with tokenizer files; returns the folder."""
+    import json
+
+    import transformers
+
+    torch.manual_seed(0)
+    vocab = len(byte_vocab()[0])
+    kw = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=[2, 0],
+        rope_theta=5000.0, tie_word_embeddings=False,
+    )  # fmt: skip
+    kw.update(cfg_kw)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).to(dtype)
+    save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **save_kw)
+    byte_level_tokenizer_json(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False})
+    )
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "bos_token_id": 1}))
+    if layout == "v4":
+        v5_to_v4(folder)
+    return folder
+
+
+@pytest.fixture
+def make_hf_folder() -> Callable[..., Path]:
+    return make_hf_folder_impl

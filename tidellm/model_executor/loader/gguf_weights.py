@@ -1,0 +1,154 @@
+"""GGUF tensors -> Hugging Face-named float tensors, one at a time.
+
+Three things undo llama.cpp's conversion so that models see exactly what a transformers checkpoint holds:
+names (``blk.N.attn_q`` -> ``model.layers.N.self_attn.q_proj``), the row permutation of attn_q/attn_k that
+llama.cpp applies for the ``llama`` architecture only, and Gemma's norm weights, which llama.cpp stores as
+``1 + w`` (convert_hf_to_gguf adds the one so its kernels can multiply by the weight directly) while HF's
+Gemma3RMSNorm multiplies by ``1 + w``: we subtract the one again and return HF-convention values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from tidellm.config.arch import ArchConfig
+from tidellm.model_executor.loader.errors import ModelLoadError
+from tidellm.model_executor.loader.gguf_file import GGUFFile, GGUFTensorInfo
+
+logger = logging.getLogger(__name__)
+
+Q = GGMLQuantizationType
+SUPPORTED_GGUF_TYPES: tuple[GGMLQuantizationType, ...] = (
+    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+)  # fmt: skip
+# Dequantize at most this many elements at once: bounds the numpy temporaries for a 262k-row embedding.
+_CHUNK_ELEMENTS = 1 << 22
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Gemma 3 norms around both sub-blocks: llama.cpp's ffn_norm is the *pre*-feed-forward norm there.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Tensors that are not parameters of the HF model (llama.cpp's precomputed RoPE factors).
+_SKIPPED = {"rope_freqs.weight"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str, family: str) -> str | None:
+    """The Hugging Face parameter name for a GGUF tensor name, or None if it has no counterpart."""
+    m = _BLOCK.match(gguf_name)
+    if m:
+        layer, base, kind = m.groups()
+        table = _GEMMA3_LAYER_NAMES if family == "gemma3" else _LAYER_NAMES
+        return f"model.layers.{layer}.{table[base]}.{kind}" if base in table else None
+    base, _, kind = gguf_name.rpartition(".")
+    return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
+
+
+def check_supported_types(gguf: GGUFFile) -> None:
+    """Fail before loading anything if a tensor uses a type we cannot dequantize."""
+    bad = sorted({t.qtype.name for t in gguf.tensors.values() if t.qtype not in SUPPORTED_GGUF_TYPES})
+    if bad:
+        raise ModelLoadError(
+            f"GGUF file {gguf.path} uses quantization type(s) {', '.join(bad)}, which tidellm cannot read. "
+            f"Supported: {', '.join(t.name for t in SUPPORTED_GGUF_TYPES)}. Use a file quantized to one of "
+            "these (e.g. Q4_K_M, Q8_0 or F16)."
+        )
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF bytes ``[..., row_bytes]`` -> a CPU tensor of ``shape``.
+
+    F16/BF16 stay in their dtype (like a safetensors checkpoint); everything else becomes float32.
+    """
+    if qtype == Q.F32:
+        return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
+    if qtype == Q.F16:
+        return torch.from_numpy(raw.view(np.float16).reshape(shape).copy())
+    if qtype == Q.BF16:
+        return torch.from_numpy(raw.view(np.int16).reshape(shape).copy()).view(torch.bfloat16)
+    if qtype not in SUPPORTED_GGUF_TYPES:
+        raise ModelLoadError(
+            f"Quantization type {qtype.name} is not supported. Supported: "
+            f"{', '.join(t.name for t in SUPPORTED_GGUF_TYPES)}."
+        )
+    cols = shape[-1] if shape else 1
+    rows_raw = raw.reshape(-1, raw.shape[-1] if raw.ndim else raw.size)
+    out = np.empty((rows_raw.shape[0], cols), dtype=np.float32)  # [rows, cols]
+    step = max(1, _CHUNK_ELEMENTS // cols)
+    for start in range(0, rows_raw.shape[0], step):
+        out[start : start + step] = gguf_dequantize(rows_raw[start : start + step], qtype)
+    return torch.from_numpy(out.reshape(shape))
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head interleave of attn_q/attn_k rows (``llama`` arch only)."""
+    rows = w.shape[0]
+    tail = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *tail).transpose(1, 2).reshape(rows, *tail)
+
+
+class GGUFWeights:
+    """Streams a GGUF file's tensors as (HF name, tensor), dequantized one at a time."""
+
+    def __init__(self, gguf: GGUFFile, arch: ArchConfig) -> None:
+        self.gguf = gguf
+        self.arch = arch
+        self.family = arch.model_type
+        check_supported_types(gguf)
+        self._plan: list[tuple[str, GGUFTensorInfo]] = []
+        for info in gguf.tensors.values():
+            name = hf_name(info.name, self.family)
+            if name is None:
+                if info.name not in _SKIPPED:
+                    logger.warning("Skipping GGUF tensor %s: no Hugging Face counterpart", info.name)
+                continue
+            self._plan.append((name, info))
+
+    def num_params(self) -> int:
+        return sum(info.num_elements for _, info in self._plan)
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self._plan]
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, info in self._plan:
+            yield name, self.load(name, info)
+
+    def load(self, name: str, info: GGUFTensorInfo) -> torch.Tensor:
+        w = dequantize(self.gguf.raw(info), info.qtype, info.shape)
+        if self.family == "llama":
+            if ".self_attn.q_proj." in name:
+                w = unpermute_rows(w, self.arch.num_attention_heads)
+            elif ".self_attn.k_proj." in name:
+                w = unpermute_rows(w, self.arch.num_key_value_heads)
+        if self.family == "gemma3" and name.endswith("norm.weight"):
+            w = (w.float() - 1.0).to(w.dtype)
+        return w
