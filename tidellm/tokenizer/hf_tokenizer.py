@@ -83,6 +83,9 @@ def tokenizer_kwargs_from_hf_folder(folder: Path) -> tuple[BackendTokenizer, dic
         backend = BackendTokenizer.from_file(str(path))
     except Exception as e:
         raise HFTokenizerError(f"{path} could not be read ({e}); restore it from the original model.") from e
+    # Some tokenizer.json files (sentence-transformers exports) pad and truncate to a fixed length.
+    backend.no_padding()
+    backend.no_truncation()
     config = read_json(folder / "tokenizer_config.json")
     generation = read_json(folder / "generation_config.json")
     prefix, suffix = _post_processor_specials(backend)
