@@ -39,9 +39,16 @@ def hf_reference(smollm2_source):
     ref_dir = _cache_root() / "test-reference" / f"{MODEL}-hf-fp32"
     if not (ref_dir / "config.json").exists():
         path = Path(smollm2_source.path)
+        from safetensors.torch import save_model
+
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # save_pretrained refuses GGUF-"quantized" models; the weights are plain fp32 by now, so write them
+        # ourselves and reload as an ordinary HF folder (fast on later runs).
         tmp = ref_dir.with_suffix(".tmp")
-        model.save_pretrained(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.config.quantization_config = None
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tmp.rename(ref_dir)
     model = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32)
     model.eval()

@@ -16,7 +16,7 @@ MAX_NEW = 20
 LONG = (
     "The history of computing is a story of people building tools to think with. "
     "Early mechanical calculators gave way to electronic machines, then to transistors and integrated circuits. "
-) * 14
+) * 20
 
 
 def _prompts(tok) -> list[list[int]]:
@@ -111,7 +111,7 @@ def test_prefix_cache_hits_give_identical_output(prompts, reference):
 def test_tiny_kv_pool_forces_preemption(prompts, reference):
     # Room for about 1.3 long prompts: the batch cannot all fit, so running requests get preempted.
     llm = LLM(
-        "smollm2-135m", dtype="float32", max_model_len=1024, kv_cache_memory_gb=56 * 16 * 46080 / 2**30,
+        "smollm2-135m", dtype="float32", max_model_len=880, kv_cache_memory_gb=56 * 16 * 46080 / 2**30,
         enable_prefix_caching=False,
     )
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
