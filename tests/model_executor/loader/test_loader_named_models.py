@@ -9,6 +9,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -196,6 +197,24 @@ def test_smollm2_weights_stream(smollm2_source):
             assert w.shape == (576, 576) and w.dtype.is_floating_point and w.abs().max() < 100
     assert names[0] == "model.embed_tokens.weight" and "lm_head.weight" not in names
     assert len(names) == 2 + 30 * 9
+
+
+def test_reader_agrees_with_gguf_package(smollm2_source):
+    """Our GGUF reader (fast, bounds-checked) sees the same metadata and tensor bytes as gguf.GGUFReader."""
+    ours = smollm2_source.weights.gguf
+    ref = gguf.GGUFReader(str(smollm2_source.path))
+    assert len(ref.tensors) == len(ours.tensors) == 272
+    for t in ref.tensors:
+        info = ours.tensors[t.name]
+        assert (info.offset, info.nbytes, info.qtype) == (t.data_offset, t.n_bytes, t.tensor_type)
+        assert info.shape == tuple(int(d) for d in reversed(t.shape))
+        assert np.array_equal(ours.raw(info).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = ours.metadata[key]
+        value = value.tolist() if isinstance(value, np.ndarray) else value
+        assert value == field.contents(), key
 
 
 def test_second_resolution_runs_no_pip(smollm2_source, monkeypatch):

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tidellm.config.arch import ArchConfig
+from tidellm.model_executor.loader.dequant import BLOCK_DEQUANTIZERS
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.gguf_file import GGUFFile, GGUFTensorInfo
 
@@ -99,12 +99,15 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
             f"Quantization type {qtype.name} is not supported. Supported: "
             f"{', '.join(t.name for t in SUPPORTED_GGUF_TYPES)}."
         )
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    fn = BLOCK_DEQUANTIZERS[qtype]
     cols = shape[-1] if shape else 1
-    rows_raw = raw.reshape(-1, raw.shape[-1] if raw.ndim else raw.size)
+    rows_raw = raw.reshape(-1, raw.shape[-1])  # [rows, row_bytes]
     out = np.empty((rows_raw.shape[0], cols), dtype=np.float32)  # [rows, cols]
     step = max(1, _CHUNK_ELEMENTS // cols)
     for start in range(0, rows_raw.shape[0], step):
-        out[start : start + step] = gguf_dequantize(rows_raw[start : start + step], qtype)
+        chunk = rows_raw[start : start + step]
+        out[start : start + step] = fn(chunk.reshape(-1, type_size)).reshape(chunk.shape[0], cols)
     return torch.from_numpy(out.reshape(shape))
 
 
