@@ -52,6 +52,11 @@ def test_folder_with_several_ggufs(tmp_path, tiny_gguf):
         _load(tmp_path, tmp_path)
 
 
+def test_file_inside_hf_folder_opens_the_folder(hf_folder, tmp_path):
+    assert _load(hf_folder / "config.json", tmp_path).path == hf_folder
+    assert _load(hf_folder / "model.safetensors", tmp_path).format == "safetensors"
+
+
 def test_split_gguf_shard(tmp_path, tiny_gguf):
     shard = tmp_path / "model-00001-of-00002.gguf"
     shard.write_bytes(tiny_gguf.read_bytes())

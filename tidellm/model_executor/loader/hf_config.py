@@ -51,11 +51,8 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float |
 
 def _sliding_window(config: dict[str, Any], family: str) -> int | None:
     window = config.get("sliding_window")
-    if (
-        window is None
-        or (family == "qwen2" or family == "qwen3")
-        and not config.get("use_sliding_window", False)
-    ):
+    # Qwen configs carry a sliding_window value even when use_sliding_window is false.
+    if window is None or (family in ("qwen2", "qwen3") and not config.get("use_sliding_window", False)):
         return None
     return int(window)
 

@@ -65,6 +65,8 @@ def open_path(path: Path, *, name: str, cache_root: Path) -> ModelSource:
             f"{path} is neither a Hugging Face model folder (no config.json) nor holds a .gguf file. Pass a folder "
             "with config.json + *.safetensors + tokenizer.json, or a .gguf file."
         )
+    if path.name == "config.json" or path.suffix == ".safetensors":
+        return open_path(path.parent, name=name, cache_root=cache_root)  # a file inside an HF folder
     if _SPLIT_GGUF.search(path.name):
         raise ModelLoadError(
             f"{path} is one shard of a split GGUF; merge the shards first with llama.cpp "
