@@ -268,6 +268,9 @@ def test_unsupported_family_features_raise() -> None:
     arch.rope_scaling = {"rope_type": "yarn", "factor": 2.0}
     with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
         get_model_class(arch)(arch)
+    arch.rope_scaling = {"rope_type": "llama3", "factor": 8.0}
+    with pytest.raises(ValueError, match="lacks the key 'low_freq_factor'"):
+        get_model_class(arch)(arch)
     arch.rope_scaling, arch.sliding_window = None, 16
     with pytest.raises(ValueError, match="sliding-window"):
         get_model_class(arch)(arch)

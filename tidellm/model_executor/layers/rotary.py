@@ -27,13 +27,18 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | 
     inv_freq = 1.0 / (base**exponent)
     kind = _rope_type(rope_scaling)
     cfg = rope_scaling or {}
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        # Position interpolation: positions divided by the factor, i.e. every frequency divided by it.
-        return inv_freq / float(cfg["factor"])
-    if kind == "llama3":
-        return _llama3_inv_freq(inv_freq, cfg)
+    try:
+        if kind == "default":
+            return inv_freq
+        if kind == "linear":
+            # Position interpolation: positions divided by the factor, i.e. every frequency divided by it.
+            return inv_freq / float(cfg["factor"])
+        if kind == "llama3":
+            return _llama3_inv_freq(inv_freq, cfg)
+    except KeyError as e:
+        raise ValueError(
+            f"rope_scaling of type {kind!r} lacks the key {e}; rope_scaling={rope_scaling}"
+        ) from None
     raise ValueError(
         f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
         f"rope_scaling={rope_scaling}"
