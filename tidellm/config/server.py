@@ -34,9 +34,7 @@ class ServerConfig:
     chat_template: str | None = _f(
         None, "Chat template: a Jinja file path or the template text; overrides the model's own template."
     )
-    log_level: str = _f(
-        "INFO", "Log level of tidellm and the engine process.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    log_level: str = _f("INFO", "Log level of tidellm and the engine process: debug, info, warning or error.")
     access_log: bool = _f(False, "Log one line per HTTP request.")
     shutdown_timeout: float = _f(
         30.0, "On SIGTERM, seconds to let in-flight requests finish before they are cancelled."
@@ -52,5 +50,10 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0 (got {self.shutdown_timeout}).")
         if self.engine_startup_timeout <= 0:
             raise ValueError(f"engine_startup_timeout must be > 0 (got {self.engine_startup_timeout}).")
+        self.log_level = self.log_level.upper()
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(
+                f"log_level must be debug, info, warning or error (got {self.log_level.lower()!r})."
+            )
         if self.api_key == "":
             self.api_key = None

@@ -67,6 +67,7 @@ class Request:
         self.num_computed_tokens = 0
         # Prompt tokens served from the prefix cache when the request was first scheduled.
         self.num_cached_tokens = -1
+        self.first_scheduled_time: float | None = None  # wall clock, for the queue-time metric
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

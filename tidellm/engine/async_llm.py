@@ -89,7 +89,9 @@ class _Tracked:
     stream: RequestStream
     num_prompt_tokens: int
     arrival_time: float
+    child_ids: list[str]
     first_token_seen: bool = False
+    queue_time_seen: bool = False
 
 
 class AsyncLLM:
@@ -114,6 +116,7 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self._requests: dict[str, _Tracked] = {}
+        self._child_to_parent: dict[str, str] = {}  # engine-core id → user request id
         self._dead_callbacks: list[Callable[[str], None]] = []
         self._background: set[asyncio.Future] = set()  # fire-and-forget sends, referenced until done
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-outputs")
@@ -172,6 +175,7 @@ class AsyncLLM:
             )
             self.output_processor.abort(rid)
         self._requests.clear()
+        self._child_to_parent.clear()
         self._record(None, iteration)
         for cb in self._dead_callbacks:
             cb(reason)
@@ -206,11 +210,16 @@ class AsyncLLM:
             add_special_tokens=add_special_tokens,
         )
         stream = RequestStream(request_id, kind)
-        self._requests[request_id] = _Tracked(stream, len(core_reqs[0].prompt_token_ids), arrival_time)
+        tracked = _Tracked(
+            stream, len(core_reqs[0].prompt_token_ids), arrival_time, [r.request_id for r in core_reqs]
+        )
+        self._requests[request_id] = tracked
+        for cid in tracked.child_ids:
+            self._child_to_parent[cid] = request_id
         try:
             await self.client.add_requests(core_reqs)
         except BaseException:
-            self._requests.pop(request_id, None)
+            self._forget(request_id)
             self.output_processor.abort(request_id)
             raise
         return stream
@@ -240,7 +249,7 @@ class AsyncLLM:
     def abort_nowait(self, request_id: str) -> None:
         """:meth:`abort` without awaiting: safe in ``finally`` blocks of cancelled tasks (client disconnects),
         where a further ``await`` could be cancelled again before the abort reaches the engine."""
-        tracked = self._requests.pop(request_id, None)
+        tracked = self._forget(request_id)
         if tracked is None:
             return
         tracked.stream.finished = True
@@ -255,6 +264,13 @@ class AsyncLLM:
         self._record(None, iteration)
         logger.debug("aborted %s", request_id)
         self._send_abort(child_ids)
+
+    def _forget(self, request_id: str) -> _Tracked | None:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is not None:
+            for cid in tracked.child_ids:
+                self._child_to_parent.pop(cid, None)
+        return tracked
 
     def _send_abort(self, child_ids: list[str]) -> None:
         task = asyncio.ensure_future(self._abort_quietly(child_ids))
@@ -284,7 +300,15 @@ class AsyncLLM:
     def _process(self, outs: EngineCoreOutputs) -> None:
         iteration = IterationStats()
         for o in outs.outputs:
+            parent_id = self._child_to_parent.get(o.request_id)
+            if parent_id is None:
+                continue  # aborted while this step ran
             iteration.num_generation_tokens += len(o.new_token_ids)
+            if o.scheduled_time is not None:
+                tracked = self._requests.get(parent_id)
+                if tracked is not None and not tracked.queue_time_seen:
+                    tracked.queue_time_seen = True
+                    iteration.queue_times.append(max(0.0, o.scheduled_time - tracked.arrival_time))
         results, to_abort = self.output_processor.process_outputs(outs.outputs)
         for ro in results:
             tracked = self._requests.get(ro.request_id)
@@ -296,7 +320,7 @@ class AsyncLLM:
                 iteration.num_prompt_tokens += tracked.num_prompt_tokens
                 iteration.time_to_first_tokens.append(m.first_token_time - m.arrival_time)
             if ro.finished:
-                del self._requests[ro.request_id]
+                self._forget(ro.request_id)
                 iteration.finished.append(self._finished_stats(ro, tracked))
             tracked.stream.put(ro)
         if to_abort:

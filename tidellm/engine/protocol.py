@@ -33,6 +33,7 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    scheduled_time: float | None = None  # wall time the request was first scheduled; with its first token
 
     @property
     def finished(self) -> bool:

@@ -152,6 +152,7 @@ class Scheduler:
             self.waiting.pop()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+                req.first_scheduled_time = time.time()
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -203,6 +204,8 @@ class Scheduler:
                 finish_reason=req.get_finish_reason(),
                 stop_reason=req.stop_reason,
                 num_cached_tokens=max(req.num_cached_tokens, 0),
+                # With the first token only: the front end's queue-time metric.
+                scheduled_time=req.first_scheduled_time if req.num_output_tokens == len(new_ids) else None,
             )
             if req.is_finished():
                 self.running.remove(req)

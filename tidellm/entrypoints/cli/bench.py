@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--num-prompts", type=int, default=64)
     t.add_argument("--input-len", type=int, default=128)
     t.add_argument("--output-len", type=int, default=128)
-    t.add_argument("--seed", dest="bench_seed", type=int, default=0)
+    t.add_argument("--prompt-seed", dest="bench_seed", type=int, default=0, help="Seed for the random prompts.")
     t.add_argument("--output-json", default=None, help="Write the results here as JSON.")
     t.add_argument("--log-level", default="WARNING")
     add_engine_args(t)

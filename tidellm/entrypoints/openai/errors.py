@@ -89,22 +89,36 @@ def from_exception(
     if isinstance(e, EngineDeadError):
         return engine_dead(str(e))
     if isinstance(e, (ValueError, TypeError)):
-        # SamplingParams messages start with the parameter name: "top_p must be in (0, 1] (got 2.0)".
-        m = _PARAM_RE.match(str(e))
-        param = m.group(1) if m and " must " in str(e) else None
-        return bad_request(str(e), param=param)
+        # SamplingParams messages start with the parameter name: "top_p must be in (0, 1] (got 2.0)";
+        # input-processor ones with "The prompt" / "prompt token id".
+        text = str(e)
+        m = _PARAM_RE.match(text)
+        if m and " must " in text:
+            param = m.group(1)
+        elif text.lower().startswith(("the prompt", "prompt")):
+            param = prompt_param
+        else:
+            param = None
+        return bad_request(text, param=param)
     logger.exception("Unexpected error")
     return APIError(500, f"Internal error: {type(e).__name__}: {e}")
 
 
+# Names pydantic inserts in error locations for the branches of a union (``stop: str | list[str]``).
+_UNION_TAGS = frozenset(
+    {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "constrained-str"}
+)
+
+
 def _loc_to_param(loc: tuple | list) -> str:
     """pydantic's ``('body', 'messages', 0, 'content')`` → ``messages[0].content``."""
-    parts = [p for p in loc if p != "body"]
     out = ""
-    for p in parts:
+    for p in loc:
+        if p == "body":
+            continue
         if isinstance(p, int):
             out += f"[{p}]"
-        elif "[" in str(p) or "-" in str(p):  # union branch names such as 'list[int]' or 'function-after'
+        elif str(p).lower() in _UNION_TAGS or "[" in str(p):
             continue
         else:
             out += ("." if out else "") + str(p)
