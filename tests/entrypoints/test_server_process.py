@@ -31,11 +31,20 @@ def _sse_events(resp: httpx.Response) -> list[dict | str]:
 def test_engine_death_503_and_nonzero_exit(tmp_path):
     template = tmp_path / "tpl.jinja"
     template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
-    srv = RemoteServer([MODEL, *ENGINE_ARGS, "--chat-template", str(template)], env=ONE_LINE_ENV)
+    # The API key comes from the environment this time (the flag defaults to $TIDELLM_API_KEY).
+    srv = RemoteServer(
+        [MODEL, *ENGINE_ARGS, "--chat-template", str(template)], env={"TIDELLM_API_KEY": "env-key"}
+    )
+    auth = {"Authorization": "Bearer env-key"}
     try:
+        assert httpx.post(srv.url + "/tokenize", json={"prompt": "Hi"}).status_code == 401
         # --chat-template replaces the model's template.
-        tok = httpx.post(srv.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
-        detok = httpx.post(srv.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+        tok = httpx.post(
+            srv.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=auth
+        )
+        detok = httpx.post(
+            srv.url + "/detokenize", json={"tokens": tok.json()["tokens"]}, headers=auth
+        ).json()
         assert detok["prompt"] == "<<Hi>>"
 
         engine_pid = srv.engine_pid
@@ -44,7 +53,9 @@ def test_engine_death_503_and_nonzero_exit(tmp_path):
 
         def long_stream() -> None:
             body = {"model": MODEL, "prompt": "Once", "max_tokens": 1900, "stream": True, "ignore_eos": True}
-            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as resp:
+            with httpx.stream(
+                "POST", srv.url + "/v1/completions", json=body, headers=auth, timeout=60
+            ) as resp:
                 for line in resp.iter_lines():
                     if line.startswith("data: "):
                         started.set()
@@ -63,7 +74,8 @@ def test_engine_death_503_and_nonzero_exit(tmp_path):
 
         health = httpx.get(srv.url + "/health", timeout=5)
         assert health.status_code == 503 and health.json()["error"]["message"]
-        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi"}, timeout=5)
+        body = {"model": MODEL, "prompt": "Hi"}
+        r = httpx.post(srv.url + "/v1/completions", json=body, headers=auth, timeout=5)
         assert r.status_code == 503 and "engine" in r.json()["error"]["message"].lower()
 
         code = srv.proc.wait(30)
@@ -91,13 +103,21 @@ def test_default_serve_and_graceful_sigterm():
     srv = RemoteServer([], port=8000, env=ONE_LINE_ENV)
     try:
         reported = srv.reported_startup_seconds()
-        print(f"\n`tidellm serve` (no arguments) ready in {srv.startup_seconds:.1f} s (server says {reported} s)")
+        print(
+            f"\n`tidellm serve` (no arguments) ready in {srv.startup_seconds:.1f} s (server says {reported} s)"
+        )
         assert reported is not None and "smollm2-135m" in srv.log
         models = httpx.get(srv.url + "/v1/models").json()
         assert models["data"][0]["id"] == MODEL
         engine_pid = srv.engine_pid
 
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 48, "stream": True, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": "Once upon a time",
+            "max_tokens": 48,
+            "stream": True,
+            "ignore_eos": True,
+        }
         result: dict = {}
         first = threading.Event()
 
@@ -173,3 +193,15 @@ def test_engine_startup_error_is_one_line():
     assert "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert any("max_model_len" in line for line in errors), res.stderr
+
+
+def test_engine_dies_with_a_killed_server():
+    """SIGKILL gives the server no chance to clean up; the engine process must still not outlive it."""
+    srv = RemoteServer([MODEL, *ENGINE_ARGS], env=ONE_LINE_ENV)
+    engine_pid = srv.engine_pid
+    srv.proc.kill()
+    srv.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while pid_alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(engine_pid)

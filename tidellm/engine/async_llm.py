@@ -132,22 +132,29 @@ class AsyncLLM:
         startup_timeout: float = 600.0,
         log_level: str = "INFO",
     ) -> AsyncLLM:
-        """Read the tokenizer here, then start the engine process (which loads the weights) and hand-shake.
+        """Start the engine process (which loads the weights) and, meanwhile, read the tokenizer here.
 
-        The model source is resolved in this process first, so a model that must be fetched or converted is
-        cached before the engine process looks for it.
+        Both processes resolve the model; fetches and conversions in the cache are atomic renames, so the
+        rare first-run race costs a duplicate download at worst, and every later start overlaps the two.
         """
         from tidellm.model_executor.loader import load_model_source
 
-        source = await asyncio.to_thread(
-            load_model_source,
-            config.model.model,
-            cache_dir=config.load.cache_dir,
-            revision=config.model.revision,
+        client_task = asyncio.create_task(
+            AsyncEngineCoreClient.start(config, startup_timeout=startup_timeout, log_level=log_level)
         )
-        client = await AsyncEngineCoreClient.start(
-            config, startup_timeout=startup_timeout, log_level=log_level
-        )
+        try:
+            source = await asyncio.to_thread(
+                load_model_source,
+                config.model.model,
+                cache_dir=config.load.cache_dir,
+                revision=config.model.revision,
+            )
+        except BaseException:
+            client_task.cancel()  # start() kills the engine process when cancelled
+            with contextlib.suppress(BaseException):
+                await client_task
+            raise
+        client = await client_task
         return cls(client, source.tokenizer, source.arch.vocab_size, config, stat_loggers)
 
     # ------------------------------------------------------------------ health

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,15 @@ from tidellm.engine import serial
 from tidellm.engine.protocol import EngineCoreOutputs, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited unexpectedly with code {rc}"
 
 
 class EngineStartupError(RuntimeError):
@@ -115,7 +125,7 @@ class AsyncEngineCoreClient:
             rc = self.proc.poll()
             if rc is not None:
                 raise EngineStartupError(
-                    f"The engine process exited with code {rc} during start-up; see its log above."
+                    f"The engine process {_describe_exit(rc)} during start-up; see its log above."
                 )
         raise EngineStartupError(
             f"The engine process did not report ready within {timeout:.0f} s; raise --engine-startup-timeout "
@@ -132,9 +142,7 @@ class AsyncEngineCoreClient:
         if self._closing or self._loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop is already closed
-            self._loop.call_soon_threadsafe(
-                self._mark_dead, f"The engine process exited unexpectedly (code {rc})."
-            )
+            self._loop.call_soon_threadsafe(self._mark_dead, f"The engine process {_describe_exit(rc)}.")
 
     def _mark_dead(self, reason: str) -> None:
         if self.dead_reason is not None or self._closing:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from tidellm.engine.async_llm import RequestStream
 from tidellm.entrypoints.openai import errors
@@ -138,7 +138,7 @@ class OpenAIServingChat(OpenAIServing):
         resp = ChatCompletionResponse(
             id=request_id, model=self.ctx.served_model_name, choices=choices, usage=usage
         )
-        return JSONResponse(resp.model_dump())
+        return Response(resp.model_dump_json(), media_type="application/json")
 
     def _logprobs(self, req: ChatCompletionRequest, token_ids: list[int], lps) -> Any:
         if not req.logprobs or lps is None:

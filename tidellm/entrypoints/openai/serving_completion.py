@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from tidellm.engine.async_llm import RequestStream
 from tidellm.entrypoints.openai import errors
@@ -83,7 +83,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.stream:
             return StreamingResponse(self._stream(req, request_id, streams), media_type="text/event-stream")
         finals = await self.collect_final(streams, raw)
-        return JSONResponse(self._response(req, request_id, finals).model_dump())
+        return Response(
+            self._response(req, request_id, finals).model_dump_json(), media_type="application/json"
+        )
 
     # ------------------------------------------------------------------ helpers
     def _prompt_text(self, out: RequestOutput) -> str:
