@@ -267,7 +267,7 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, started_at: f
             log_config=None,
             access_log=config.access_log,
             lifespan="off",
-            timeout_graceful_shutdown=int(config.shutdown_timeout) if config.shutdown_timeout else None,
+            timeout_graceful_shutdown=config.shutdown_timeout,  # type: ignore[arg-type]  (a float works)
             timeout_keep_alive=5,
         )
         server = _Server(uv_config)
