@@ -71,7 +71,7 @@ def test_non_streaming_disconnect_aborts(server, auth_headers):
 
 
 def test_64_concurrent_streams(server, async_client):
-    n_clients, max_tokens = 64, 12
+    n_clients, max_tokens = 64, 8
     peak_running = 0
 
     async def one(i: int) -> tuple[int, str | None, int]:
