@@ -3,6 +3,9 @@ transformers fp32 reference (converted once and cached on disk), and shared engi
 
 from __future__ import annotations
 
+import tidellm  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
 import os
 from pathlib import Path
 

@@ -5,7 +5,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenMP threads that spin while waiting turn every matmul into a ~16 ms stall as soon as another process
+# (the API server, a test runner, a neighbour) takes a core: measured 15.8 ms → 0.33 ms for an [8, 576] x
+# [576, 1728] linear on 2 busy cores. Sleeping waits cost little when the machine is quiet. This must be set
+# before torch loads OpenMP, hence here; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
