@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -199,9 +200,15 @@ def test_engine_dies_with_a_killed_server():
     """SIGKILL gives the server no chance to clean up; the engine process must still not outlive it."""
     srv = RemoteServer([MODEL, *ENGINE_ARGS], env=ONE_LINE_ENV)
     engine_pid = srv.engine_pid
+    cmdline = Path(f"/proc/{engine_pid}/cmdline").read_bytes().decode().split("\0")
+    socket_dir = Path(
+        next(a for a in cmdline if a.startswith("--input=ipc://"))[len("--input=ipc://") :]
+    ).parent
+    assert socket_dir.is_dir()
     srv.proc.kill()
     srv.proc.wait(10)
     deadline = time.monotonic() + 10
-    while pid_alive(engine_pid) and time.monotonic() < deadline:
+    while (pid_alive(engine_pid) or socket_dir.exists()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(engine_pid)
+    assert not socket_dir.exists()  # the engine removed the ipc sockets its dead parent left behind

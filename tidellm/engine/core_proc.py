@@ -23,6 +23,7 @@ import ctypes
 import logging
 import os
 import queue
+import shutil
 import signal
 import sys
 import threading
@@ -42,25 +43,44 @@ _IDLE_WAIT_S = 1.0
 _STOP = object()  # sentinel on the output queue
 
 
-def _die_with_parent(parent_pid: int, use_prctl: bool) -> None:
-    """Make sure this process never outlives the API process, even if that one is SIGKILLed."""
+def _die_with_parent(parent_pid: int, use_prctl: bool, socket_dir: str | None) -> None:
+    """Make sure this process never outlives the API process, even if that one is SIGKILLed.
+
+    The kernel sends SIGTERM when the parent dies (``PR_SET_PDEATHSIG``); the watchdog thread notices the
+    new parent pid within half a second either way, removes the socket folder the dead parent can no
+    longer clean up, and exits at once, even if the main thread is inside a long step.
+    """
+
+    def leave() -> None:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        os._exit(1)
+
     if use_prctl and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         except OSError:
             logger.debug("prctl(PR_SET_PDEATHSIG) unavailable", exc_info=True)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+        leave()
 
     def watch() -> None:
         while True:
             time.sleep(_PARENT_POLL_S)
             if os.getppid() != parent_pid:
                 logger.error("The API process (pid %d) is gone; the engine process exits.", parent_pid)
-                os._exit(1)
+                leave()
 
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _socket_dir(address: str) -> str | None:
+    """The private folder of an ``ipc://`` address made by the core client (never anything else)."""
+    if not address.startswith("ipc://"):
+        return None
+    folder = os.path.dirname(address.removeprefix("ipc://"))
+    return folder if os.path.basename(folder).startswith("tidellm-") else None
 
 
 class EngineCoreProc:
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidellm.config import EngineConfig
     from tidellm.logger import configure_logging
 
-    _die_with_parent(args.parent_pid, args.pdeathsig)
+    _die_with_parent(args.parent_pid, args.pdeathsig, _socket_dir(args.input))
     configure_logging(args.log_level)
     config = serial.decode_config(config_json, EngineConfig)
 
@@ -233,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             code = proc.run()
     finally:
         proc.close()
+        if os.getppid() != args.parent_pid and (folder := _socket_dir(args.input)):
+            shutil.rmtree(folder, ignore_errors=True)  # nobody else is left to remove it
         logging.shutdown()
     # Daemon threads may sit in blocking ZMQ calls; skip interpreter teardown (nothing left to flush).
     os._exit(code)
