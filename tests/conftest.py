@@ -44,7 +44,9 @@ def hf_reference(smollm2_source):
         path = Path(smollm2_source.path)
         from safetensors.torch import save_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         # save_pretrained refuses GGUF-"quantized" models; the weights are plain fp32 by now, so write them
         # ourselves and reload as an ordinary HF folder (fast on later runs).
         tmp = ref_dir.with_suffix(".tmp")

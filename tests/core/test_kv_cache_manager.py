@@ -22,7 +22,10 @@ def test_hashes_chain_and_are_deterministic():
     assert b != hash_block_tokens(None, [5, 6, 7, 8])  # same tokens, different parent
     assert hash_block_tokens(None, [1, 2, 3, 4], ("salt",)) != a
     req = make_req("r", list(range(10)))
-    assert req.block_hashes == [a := hash_block_tokens(None, [0, 1, 2, 3]), hash_block_tokens(a, [4, 5, 6, 7])]
+    assert req.block_hashes == [
+        a := hash_block_tokens(None, [0, 1, 2, 3]),
+        hash_block_tokens(a, [4, 5, 6, 7]),
+    ]
 
 
 def test_allocate_cache_free_tail_first_and_hit():

@@ -51,7 +51,10 @@ def test_chunked_prefill_then_decode():
     assert o1.scheduled_new_reqs[0].block_ids == [0, 1]
     o2, _ = run_step(s)
     assert o2.num_scheduled_tokens == {"a": 8}
-    assert o2.scheduled_cached_reqs[0].new_block_ids == [2, 3] and o2.scheduled_cached_reqs[0].num_computed_tokens == 8
+    assert (
+        o2.scheduled_cached_reqs[0].new_block_ids == [2, 3]
+        and o2.scheduled_cached_reqs[0].num_computed_tokens == 8
+    )
     o3, e3 = run_step(s)
     assert o3.num_scheduled_tokens == {"a": 4} and e3[0].new_token_ids == [7]
     o4, _ = run_step(s)

@@ -37,12 +37,18 @@ def test_seeded_sampling_same_alone_and_in_busy_batch(llm_fp32):
     busy_params = [noise, p, noise, SamplingParams(temperature=0.8, seed=7, max_tokens=10)]
     busy = llm_fp32.generate(busy_prompts, busy_params, use_tqdm=False)
     assert busy[1].outputs[0].text == alone
-    other = llm_fp32.generate(["Once upon a time"], SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=24), use_tqdm=False)
+    other = llm_fp32.generate(
+        ["Once upon a time"],
+        SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=24),
+        use_tqdm=False,
+    )
     assert other[0].outputs[0].text != alone
 
 
 def test_n_completions(llm_fp32):
-    out = llm_fp32.generate("My favourite colour is", SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False)
+    out = llm_fp32.generate(
+        "My favourite colour is", SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8), use_tqdm=False
+    )
     assert len(out) == 1
     comps = out[0].outputs
     assert [c.index for c in comps] == [0, 1, 2, 3]
@@ -52,37 +58,51 @@ def test_n_completions(llm_fp32):
 
 def test_stop_string_truncates_and_reports(llm_fp32):
     prompt = "List the days of the week: Monday, Tuesday,"
-    full = llm_fp32.generate(prompt, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0].text
+    full = (
+        llm_fp32.generate(prompt, SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+        .outputs[0]
+        .text
+    )
     stop = full.strip().split()[1]  # the second word of the continuation
     idx = full.index(stop)
-    out = llm_fp32.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)[0]
+    out = llm_fp32.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False
+    )[0]
     c = out.outputs[0]
     assert c.text == full[:idx]
     assert (c.finish_reason, c.stop_reason) == ("stop", stop)
     inc = llm_fp32.generate(
-        prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True), use_tqdm=False
+        prompt,
+        SamplingParams(temperature=0, max_tokens=30, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
     )[0]
     assert inc.outputs[0].text == full[: idx + len(stop)]
     assert llm_fp32.engine.core.scheduler.num_unfinished == 0  # the core request was aborted
 
 
 def test_logprobs_top_n(llm_fp32):
-    out = llm_fp32.generate("The sky is", SamplingParams(temperature=0, max_tokens=3, logprobs=5), use_tqdm=False)[0]
+    out = llm_fp32.generate(
+        "The sky is", SamplingParams(temperature=0, max_tokens=3, logprobs=5), use_tqdm=False
+    )[0]
     c = out.outputs[0]
     assert len(c.logprobs) == 3
     for tid, pos in zip(c.token_ids, c.logprobs, strict=True):
         assert tid in pos and pos[tid].rank == 1  # greedy: the sampled token is the top one
         assert 5 <= len(pos) <= 6
         top = sorted((lp for lp in pos.values() if lp.rank), key=lambda x: x.rank)
-        assert all(a.logprob >= b.logprob for a, b in zip(top, top[1:]))
-    assert c.cumulative_logprob == pytest.approx(sum(p[t].logprob for p, t in zip(c.logprobs, c.token_ids)))
+        assert all(a.logprob >= b.logprob for a, b in zip(top, top[1:], strict=False))
+    assert c.cumulative_logprob == pytest.approx(
+        sum(p[t].logprob for p, t in zip(c.logprobs, c.token_ids, strict=False))
+    )
 
 
 def test_prompt_logprobs_match_transformers(llm_fp32, hf_reference):
     tok = llm_fp32.get_tokenizer()
     text = "Paris is the capital of France and"
     ids = tok.encode(text)
-    out = llm_fp32.generate(text, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    out = llm_fp32.generate(
+        text, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2), use_tqdm=False
+    )[0]
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
     with torch.no_grad():
         ref = torch.log_softmax(hf_reference(torch.tensor([ids])).logits[0].float(), -1)
@@ -132,14 +152,23 @@ def test_clear_errors(llm_fp32):
 def test_max_tokens_clipped_to_context(llm_fp32):
     tok = llm_fp32.get_tokenizer()
     n = llm_fp32.engine.max_model_len - 3
-    out = llm_fp32.generate([[tok.encode("a")[0]] * n], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+    out = llm_fp32.generate(
+        [[tok.encode("a")[0]] * n], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False
+    )
     assert len(out[0].outputs[0].token_ids) == 3 and out[0].outputs[0].finish_reason == "length"
 
 
 def test_priority_order_under_load():
     from tidellm import LLM
 
-    llm = LLM("smollm2-135m", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=512, max_num_seqs=1, policy="priority")
+    llm = LLM(
+        "smollm2-135m",
+        dtype="float32",
+        kv_cache_memory_gb=0.05,
+        max_model_len=512,
+        max_num_seqs=1,
+        policy="priority",
+    )
     p = SamplingParams(temperature=0, max_tokens=2)
     outs = llm.generate(["a", "b", "c"], p, priority=[5, 0, 1], use_tqdm=False)
     order = sorted(range(3), key=lambda i: outs[i].metrics.first_token_time)

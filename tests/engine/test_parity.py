@@ -65,7 +65,10 @@ def reference(hf_reference, prompts, smollm2_tokenizer):
                 return_dict_in_generate=True,
             )
             tokens = gen.sequences[0, len(ids) :].tolist()
-            lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(gen.logits, tokens, strict=True)]
+            lps = [
+                torch.log_softmax(lg[0].float(), -1)[t].item()
+                for lg, t in zip(gen.logits, tokens, strict=True)
+            ]
             out.append((tokens, lps))
     return out
 
@@ -92,7 +95,13 @@ def test_all_prompts_in_one_batch(llm_fp32, prompts, reference):
 
 
 def test_tiny_token_budget_chunked_prefill(prompts, reference):
-    llm = LLM("smollm2-135m", dtype="float32", kv_cache_memory_gb=0.25, max_model_len=2048, max_num_batched_tokens=16)
+    llm = LLM(
+        "smollm2-135m",
+        dtype="float32",
+        kv_cache_memory_gb=0.25,
+        max_model_len=2048,
+        max_num_batched_tokens=16,
+    )
     _check(llm.generate(prompts, GREEDY, use_tqdm=False), reference)
 
 
@@ -111,7 +120,10 @@ def test_prefix_cache_hits_give_identical_output(prompts, reference):
 def test_tiny_kv_pool_forces_preemption(prompts, reference):
     # Room for about 1.3 long prompts: the batch cannot all fit, so running requests get preempted.
     llm = LLM(
-        "smollm2-135m", dtype="float32", max_model_len=880, kv_cache_memory_gb=56 * 16 * 46080 / 2**30,
+        "smollm2-135m",
+        dtype="float32",
+        max_model_len=880,
+        kv_cache_memory_gb=56 * 16 * 46080 / 2**30,
         enable_prefix_caching=False,
     )
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)

@@ -24,12 +24,17 @@ def test_generate_greedy_matches_offline_api(llm_fp32):
 
     res = _run(["generate", "The capital of France is", "--max-tokens", "8", "--temperature", "0", *ENGINE])
     assert res.returncode == 0, res.stderr
-    expected = llm_fp32.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    expected = llm_fp32.generate(
+        "The capital of France is", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
+    )
     assert res.stdout.rstrip("\n") == expected[0].outputs[0].text
 
 
 def test_chat_streams_replies_and_keeps_history():
-    res = _run(["chat", "--max-tokens", "6", "--temperature", "0", *ENGINE], stdin="Hello!\n/reset\nWhat is 2+2?\n/exit\n")
+    res = _run(
+        ["chat", "--max-tokens", "6", "--temperature", "0", *ENGINE],
+        stdin="Hello!\n/reset\nWhat is 2+2?\n/exit\n",
+    )
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) >= 2  # one reply per message
@@ -38,7 +43,19 @@ def test_chat_streams_replies_and_keeps_history():
 def test_bench_throughput_reports_figures(tmp_path):
     out = tmp_path / "bench.json"
     res = _run(
-        ["bench", "throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "8", "--output-json", str(out), *ENGINE]
+        [
+            "bench",
+            "throughput",
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "16",
+            "--output-len",
+            "8",
+            "--output-json",
+            str(out),
+            *ENGINE,
+        ]
     )
     assert res.returncode == 0, res.stderr
     assert "requests/s" in res.stdout and "output tokens/s" in res.stdout

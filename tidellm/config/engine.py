@@ -14,13 +14,18 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    model: str = _f(DEFAULT_MODEL, "Model: a named model (smollm2-135m...), a local HF folder or .gguf file, or a HF repo id.")
+    model: str = _f(
+        DEFAULT_MODEL,
+        "Model: a named model (smollm2-135m...), a local HF folder or .gguf file, or a HF repo id.",
+    )
     dtype: str = _f(
         "auto",
         "Weight and activation dtype. 'auto' picks bfloat16 on GPUs and on CPUs with native bf16, else float32.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    max_model_len: int | None = _f(None, "Maximum tokens per sequence (prompt + output). Default: the model's context length.")
+    max_model_len: int | None = _f(
+        None, "Maximum tokens per sequence (prompt + output). Default: the model's context length."
+    )
     seed: int = _f(0, "Seed for unseeded random sampling.")
     revision: str | None = _f(None, "Revision of a Hugging Face repo id.")
     max_logprobs: int = _f(20, "Largest number of logprobs a request may ask for.")
@@ -61,7 +66,9 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = _f(
         0, "Cap on the tokens one request may prefill in a step (0: no cap beyond the step budget)."
     )
-    policy: str = _f("fcfs", "Scheduling policy: fcfs, or priority (lower value first).", choices=("fcfs", "priority"))
+    policy: str = _f(
+        "fcfs", "Scheduling policy: fcfs, or priority (lower value first).", choices=("fcfs", "priority")
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -74,7 +81,9 @@ class SchedulerConfig:
 
 @dataclass
 class DeviceConfig:
-    device: str = _f("auto", "Device: auto (cuda when available, else cpu), cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    device: str = _f(
+        "auto", "Device: auto (cuda when available, else cpu), cpu or cuda.", choices=("auto", "cpu", "cuda")
+    )
     num_threads: int | None = _f(None, "CPU threads for torch (default: all cores).")
 
 
@@ -93,7 +102,9 @@ class EngineConfig:
         owner = {f.name: section for section, klass in SECTIONS.items() for f in fields(klass)}
         for key, value in kwargs.items():
             if key not in owner:
-                raise TypeError(f"Unknown engine argument {key!r}. Valid arguments: {', '.join(sorted(owner))}.")
+                raise TypeError(
+                    f"Unknown engine argument {key!r}. Valid arguments: {', '.join(sorted(owner))}."
+                )
             parts[owner[key]][key] = value
         return cls(**{section: SECTIONS[section](**vals) for section, vals in parts.items()})
 

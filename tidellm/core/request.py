@@ -104,7 +104,9 @@ class Request:
         extra = (self.cache_salt,) if self.cache_salt else None
         for i in range(len(self.block_hashes), n_full):
             parent = self.block_hashes[i - 1] if i else None
-            self.block_hashes.append(hash_block_tokens(parent, self.all_token_ids[i * bs : (i + 1) * bs], extra))
+            self.block_hashes.append(
+                hash_block_tokens(parent, self.all_token_ids[i * bs : (i + 1) * bs], extra)
+            )
 
     def __lt__(self, other: Request) -> bool:
         """Priority order: lower priority value first, then earlier arrival, then id."""

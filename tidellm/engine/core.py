@@ -28,7 +28,9 @@ class EngineCore:
         dtype = resolve_dtype(config.model.dtype, device)
         seed_everything(config.model.seed)
         if source is None:
-            source = load_model_source(config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision)
+            source = load_model_source(
+                config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision
+            )
         self.source = source
         self.runner = ModelRunner(config, source, device, dtype)
         plan = self.runner.kv_plan
@@ -83,7 +85,9 @@ class EngineCore:
             sched_out = self.scheduler.schedule()
             runner_out = self.runner.execute_model(sched_out)
             outputs = self.scheduler.update_from_output(sched_out, runner_out)
-        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time())
+        return EngineCoreOutputs(
+            outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time()
+        )
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()

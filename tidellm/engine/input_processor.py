@@ -26,7 +26,9 @@ class PromptTooLongError(ValueError):
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, max_logprobs: int = 20) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, max_logprobs: int = 20
+    ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size

@@ -23,7 +23,9 @@ from tidellm.tokenizer.tokenizer import Tokenizer
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        source = load_model_source(config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision)
+        source = load_model_source(
+            config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision
+        )
         self.tokenizer: Tokenizer = source.tokenizer
         self.core = EngineCore(config, source)
         self.max_model_len = self.core.max_model_len

@@ -74,7 +74,9 @@ class OutputProcessor:
         arrival_time: float | None = None,
     ) -> list[str]:
         """Register a user request and return the ids of its children in the engine core."""
-        parent = ParentRequest(request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time or time.time()))
+        parent = ParentRequest(
+            request_id, prompt, prompt_token_ids, kind, RequestMetrics(arrival_time or time.time())
+        )
         n = len(child_params)
         ids = []
         for i, p in enumerate(child_params):
@@ -86,7 +88,9 @@ class OutputProcessor:
                 stop=p.stop or [],
                 include_stop_str_in_output=p.include_stop_str_in_output,
             )
-            child = ChildState(i, p, detok, [] if p.logprobs is not None else None, 0.0 if p.logprobs is not None else None)
+            child = ChildState(
+                i, p, detok, [] if p.logprobs is not None else None, 0.0 if p.logprobs is not None else None
+            )
             parent.children[i] = child
             cid = child_request_id(request_id, i, n)
             self._child_to_parent[cid] = (parent, i)
@@ -135,7 +139,9 @@ class OutputProcessor:
             if parent.finished:
                 parent.metrics.finished_time = now
                 for i in parent.children:
-                    self._child_to_parent.pop(child_request_id(parent.request_id, i, len(parent.children)), None)
+                    self._child_to_parent.pop(
+                        child_request_id(parent.request_id, i, len(parent.children)), None
+                    )
                 del self.parents[parent.request_id]
             ro = self._make_output(parent)
             if ro is not None:

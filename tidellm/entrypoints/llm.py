@@ -43,7 +43,9 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params = _broadcast(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
-            raise ValueError(f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts.")
+            raise ValueError(
+                f"priority has {len(priority)} entries but there are {len(prompt_list)} prompts."
+            )
         return self._run(prompt_list, params, priority, use_tqdm)
 
     def chat(

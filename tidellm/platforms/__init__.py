@@ -38,7 +38,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'.")
+        raise ValueError(
+            "device='cuda' was asked for but no CUDA GPU is visible; use device='cpu' or 'auto'."
+        )
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda (got {name!r}).")
     return torch.device(name)
@@ -73,5 +75,7 @@ def available_memory_bytes(device: torch.device) -> int:
 def device_summary(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx2", "fma") if f in cpu_flags()]
+    isa = [
+        f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx2", "fma") if f in cpu_flags()
+    ]
     return f"cpu ({os.cpu_count()} cores, {' '.join(isa) or 'no SIMD flags read'}, {torch.get_num_threads()} threads)"

@@ -45,9 +45,7 @@ class StepInputs:
     sample_token_idx: np.ndarray  # [S] int64
 
 
-def build_step_inputs(
-    states: list[CachedRequestState], num_tokens: list[int], block_size: int
-) -> StepInputs:
+def build_step_inputs(states: list[CachedRequestState], num_tokens: list[int], block_size: int) -> StepInputs:
     """Gather token ids, positions and cache slots for ``num_tokens[i]`` tokens of each request."""
     n_reqs = len(states)
     counts = np.asarray(num_tokens, dtype=np.int64)

@@ -44,7 +44,9 @@ class KVCachePlan:
         return allocate_kv_caches(self.arch, self.num_blocks, self.block_size, self.dtype, self.device)
 
 
-def plan_kv_cache(config: EngineConfig, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> KVCachePlan:
+def plan_kv_cache(
+    config: EngineConfig, arch: ArchConfig, dtype: torch.dtype, device: torch.device
+) -> KVCachePlan:
     bs = config.cache.block_size
     per_block = kv_cache_bytes_per_block(arch, bs, dtype)
     if config.cache.kv_cache_memory_gb is not None:

@@ -41,7 +41,9 @@ class LoadReport:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.config = config
         self.source = source
         self.device = device

@@ -142,7 +142,12 @@ class Scheduler:
             i += 1
 
         # 2) waiting requests, unless this step already had to preempt.
-        while not preempted_now and len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (
+            not preempted_now
+            and len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting.peek()
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             num_new = self._chunk(req, req.num_tokens - num_hit, budget)
@@ -187,7 +192,9 @@ class Scheduler:
         return out
 
     # ------------------------------------------------------------------ results
-    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
         for row, rid in enumerate(runner_out.req_ids):
             req = self.requests.get(rid)

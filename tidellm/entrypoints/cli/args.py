@@ -26,7 +26,9 @@ def _base_type(tp: Any) -> Any:
 def add_engine_args(parser: argparse.ArgumentParser, *, positional_model: bool = False) -> None:
     """Add one flag per config field (``max_num_seqs`` → ``--max-num-seqs``)."""
     for section, klass in SECTIONS.items():
-        add_config_args(parser.add_argument_group(f"{section} options"), klass, positional_model=positional_model)
+        add_config_args(
+            parser.add_argument_group(f"{section} options"), klass, positional_model=positional_model
+        )
 
 
 def add_config_args(group: Any, klass: type, *, positional_model: bool = False) -> None:
@@ -36,7 +38,9 @@ def add_config_args(group: Any, klass: type, *, positional_model: bool = False) 
     """
     for f in dataclasses.fields(klass):
         if f.name == "model" and positional_model:
-            group.add_argument("model", nargs="?", default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+            group.add_argument(
+                "model", nargs="?", default=f.default, help=f.metadata["help"] + " (default: %(default)s)"
+            )
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.type)

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--num-prompts", type=int, default=64)
     t.add_argument("--input-len", type=int, default=128)
     t.add_argument("--output-len", type=int, default=128)
-    t.add_argument("--prompt-seed", dest="bench_seed", type=int, default=0, help="Seed for the random prompts.")
+    t.add_argument(
+        "--prompt-seed", dest="bench_seed", type=int, default=0, help="Seed for the random prompts."
+    )
     t.add_argument("--output-json", default=None, help="Write the results here as JSON.")
     t.add_argument("--log-level", default="WARNING")
     add_engine_args(t)
@@ -41,7 +43,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     llm = LLM(log_level=args.log_level, **engine_kwargs_from_args(args))
     engine = llm.engine
     tok = engine.tokenizer
-    prompts = random_prompts(tok.vocab_size, tok.all_special_ids, args.num_prompts, args.input_len, args.bench_seed)
+    prompts = random_prompts(
+        tok.vocab_size, tok.all_special_ids, args.num_prompts, args.input_len, args.bench_seed
+    )
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=1.0, top_p=1.0)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     t0 = time.perf_counter()

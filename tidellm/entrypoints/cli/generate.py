@@ -13,7 +13,9 @@ from tidellm.entrypoints.cli.sampling_args import add_sampling_args, sampling_pa
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="Complete a prompt and print the result as it streams.")
     p.add_argument("prompt", help="Prompt text ('-' reads stdin).")
-    p.add_argument("--chat-format", action="store_true", help="Wrap the prompt as a user message in the chat template.")
+    p.add_argument(
+        "--chat-format", action="store_true", help="Wrap the prompt as a user message in the chat template."
+    )
     p.add_argument("--log-level", default="WARNING")
     add_sampling_args(p)
     add_engine_args(p)
@@ -58,7 +60,8 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = _make_engine(args)
     if args.chat_format:
         prompt = engine.tokenizer.encode(
-            engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False
+            engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]),
+            add_special_tokens=False,
         )
     for text in stream(engine, prompt, params):
         sys.stdout.write(text)

@@ -9,8 +9,18 @@ from tidellm.sample.params import SamplingParams
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = parser.add_argument_group("sampling options")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help="Tokens to generate at most (default: %(default)s).")
-    g.add_argument("--temperature", type=float, default=None, help="Sampling temperature; 0 = greedy (default: 0.7 for chat, 0 for generate).")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help="Tokens to generate at most (default: %(default)s).",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="Sampling temperature; 0 = greedy (default: 0.7 for chat, 0 for generate).",
+    )
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
