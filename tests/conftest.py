@@ -18,6 +18,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 2))
 MODEL = "smollm2-135m"
 
 
+@pytest.fixture(autouse=True)
+def _skip_slow_unless_asked(request: pytest.FixtureRequest) -> None:
+    """Slow tests (multi-hundred-MB fetches) run only with ``-m slow`` or TIDELLM_SLOW_TESTS=1."""
+    if request.node.get_closest_marker("slow") is None:
+        return
+    if "slow" in (request.config.getoption("markexpr") or "") or os.environ.get("TIDELLM_SLOW_TESTS") == "1":
+        return
+    pytest.skip("slow test: run with -m slow or TIDELLM_SLOW_TESTS=1")
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("TIDELLM_CACHE_DIR", Path.home() / ".cache" / "tidellm"))
 

@@ -6,7 +6,6 @@ Helpers are handed out as fixtures (test modules here are not a package and cann
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,6 @@ import pytest
 import torch
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-@pytest.fixture(autouse=True)
-def _skip_slow_unless_asked(request: pytest.FixtureRequest) -> None:
-    """Slow tests (multi-hundred-MB fetches) run only with ``-m slow`` or TIDELLM_SLOW_TESTS=1."""
-    if request.node.get_closest_marker("slow") is None:
-        return
-    if "slow" in (request.config.getoption("markexpr") or "") or os.environ.get("TIDELLM_SLOW_TESTS") == "1":
-        return
-    pytest.skip("slow test: run with -m slow or TIDELLM_SLOW_TESTS=1")
 
 
 def byte_vocab() -> tuple[list[str], list[int], list[str]]:

@@ -246,6 +246,3 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_kv_blocks=self.kv.num_blocks,
         )
-
-    def now(self) -> float:
-        return time.monotonic()
