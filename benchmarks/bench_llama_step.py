@@ -1,8 +1,8 @@
 """Benchmark one engine step of a SmolLM2-135M-shaped llama (random weights) on the paged KV cache:
 a decode step of 32 requests x 512 context, and a 512-token prefill (metadata build + forward + logits
-of the last token of each request). Not collected by pytest.
+of the last token of each request).
 
-    .venv/bin/python tests/model_executor/bench_llama_step.py [--dtype float32 bfloat16] [--rounds 5]
+    .venv/bin/python benchmarks/bench_llama_step.py [--dtype float32 bfloat16] [--rounds 5]
         [--decode-chunk-mib 8 1024]   # compare CPU decode chunk sizes (1024 = one gather for the batch)
 
 Shared machines are noisy: each round times a few steps of each case, interleaved, and the report gives
