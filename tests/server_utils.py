@@ -18,7 +18,7 @@ import httpx
 MODEL = "smollm2-135m"
 ENGINE_ARGS = ["--dtype", "float32", "--kv-cache-memory-gb", "0.5", "--max-model-len", "2048"]
 API_KEY = "test-key-123"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
