@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from tidellm.benchmarks.common import engine_dtype, machine_info, random_prompts, write_json
+from tidellm.benchmarks.common import check_fits, engine_dtype, machine_info, random_prompts, write_json
 from tidellm.entrypoints.cli.args import add_engine_args, engine_kwargs_from_args
 
 _NUM_WARMUP_PROMPTS = 2
+
+# Bump when a key of the JSON result is renamed or removed (adding keys keeps the version).
+SCHEMA_VERSION = 1
 
 
 def add_cli_args(t: argparse.ArgumentParser) -> None:
@@ -38,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}).")
     llm = LLM(log_level=args.log_level, **engine_kwargs_from_args(args))
     engine = llm.engine
+    check_fits(engine, args.input_len, args.output_len)
     tok = engine.tokenizer
     prompts = random_prompts(
         tok.vocab_size,
@@ -56,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
     n_in = sum(len(o.prompt_token_ids) for o in outs)
     result = {
         "benchmark": "throughput",
+        "schema_version": SCHEMA_VERSION,
         "model": args.model,
         "dtype": engine_dtype(engine),
         "num_prompts": args.num_prompts,
