@@ -1,7 +1,8 @@
 """`tidellm bench serve`: a load generator for any OpenAI-compatible server (tidellm, vLLM, llama.cpp's server).
 
 It streams every request and timestamps each chunk, so the metrics mean what vLLM's serving benchmark means:
-  - TTFT: request sent → first streamed chunk with a choice.
+  - TTFT: request sent → first streamed chunk that carries generated text (a chat stream's role-only
+    opener and a bare finish chunk do not count: they say nothing about when tokens came).
   - ITL: gaps between consecutive chunks of one request (all requests pooled).
   - TPOT: per request, (E2E − TTFT) / (output tokens − 1); requests with one output token are skipped.
   - E2E: request sent → last byte of the stream.
@@ -176,15 +177,15 @@ async def _send(session, url: str, headers: dict, payload: dict, chat: bool, tim
                         choices = msg.get("choices")
                         if not choices:
                             continue
+                        has_output, text = _chunk_tokens(choices[0], chat)
+                        if not has_output:  # a role-only opener or a bare finish chunk carries no token
+                            continue
                         if res.ttft == 0.0:
                             res.ttft = now - start
                         else:
                             res.itl.append(now - last)
                         last = now
-                        c = choices[0]
-                        parts.append(
-                            (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
-                        )
+                        parts.append(text)
             res.latency = time.perf_counter() - start
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as e:
         res.error = f"{type(e).__name__}: {e}"[:500]
@@ -197,6 +198,16 @@ async def _send(session, url: str, headers: dict, payload: dict, chat: bool, tim
     res.prompt_len = int(usage.get("prompt_tokens") or 0)
     res.success = True
     return res
+
+
+def _chunk_tokens(choice: dict, chat: bool) -> tuple[bool, str]:
+    """(does this chunk carry generated output, its text)."""
+    if not chat:
+        text = choice.get("text") or ""
+        return bool(text), text
+    delta = choice.get("delta") or {}
+    text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+    return bool(text or delta.get("tool_calls")), text
 
 
 def _payload(args: argparse.Namespace, model: str, req: SampleRequest, chat: bool) -> dict:
