@@ -60,6 +60,7 @@ RUN_KEYS = {
     "temperature",
     "goodput_slos_ms",
     "percentiles",
+    "machine",
 }
 DETAIL_KEYS = {"input_lens", "output_lens", "ttfts", "e2els", "itls", "request_errors"}
 

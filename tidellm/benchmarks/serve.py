@@ -447,6 +447,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from tidellm import __version__
+    from tidellm.benchmarks.common import machine_info, write_json
     from tidellm.model_executor.loader import load_model_source
 
     _validate(args)
@@ -486,6 +487,7 @@ def main(args: argparse.Namespace) -> int:
             "temperature": args.temperature,
             "goodput_slos_ms": parse_goodput(args.goodput),
             "percentiles": parse_percentiles(args.percentiles),
+            "machine": machine_info(),  # the client's; on one machine, the server's too
             **s,
         }
         if args.save_detailed:
@@ -496,6 +498,5 @@ def main(args: argparse.Namespace) -> int:
             result["e2els"] = [r.latency for r in rs]
             result["itls"] = [r.itl for r in rs]
             result["request_errors"] = [r.error for r in rs]
-        with open(args.save_result, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.save_result, result)
     return 0 if s["failed"] == 0 else 1
