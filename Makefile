@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install install-test serve chat test lint bench clean
+.PHONY: install install-test serve chat test lint bench bench-compare clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ lint: install-test
 
 bench: install
 	$(BIN)/tidellm bench throughput $(BENCH_ARGS)
+
+# Side-by-side with vLLM and llama.cpp; see docs/performance.md. Tens of minutes on 2 cores, plus the first
+# time a vLLM install and a llama.cpp build under ~/.cache/tidellm/peers. Run it alone on a quiet machine.
+# COMPARE_ARGS e.g. "--engines tidellm,llamacpp --concurrency 1,16".
+bench-compare: install
+	$(PIP) -e '.[test,bench]'
+	$(BIN)/python benchmarks/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV)
