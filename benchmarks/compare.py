@@ -95,9 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp -t (all cores)")
     p.add_argument(
         "--prefix-caching",
-        action="store_true",
-        help="Leave prefix/prompt caching on. Off by default: the warm-ups replay the measured prompts, so a "
-        "prompt cache would turn measured prefills into cache hits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Prefix/prompt caching as each engine ships it (on). The random prompts share no prefix and the "
+        "warm-ups use prompts of their own, so it changes no figure here; --no-prefix-caching turns it off in all",
     )
     p.add_argument("--vllm-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument(

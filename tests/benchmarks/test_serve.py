@@ -104,6 +104,7 @@ def assert_sane(r: dict, n: int) -> None:
 
 
 def test_completions_fixed_concurrency(bench_server, tmp_path):
+    hits_before = _prefix_hits(bench_server.url)
     proc, r = run_bench(
         tmp_path,
         *("--base-url", bench_server.url, "--num-prompts", "8", "--max-concurrency", "4"),
@@ -119,6 +120,7 @@ def test_completions_fixed_concurrency(bench_server, tmp_path):
     assert r["input_lens"] == [32] * 8  # the server's count of the random prompts
     assert 1 <= r["max_concurrent_requests"] <= 4
     assert r["request_goodput"] == pytest.approx(r["request_throughput"])  # SLOs nobody misses
+    assert _prefix_hits(bench_server.url) == hits_before  # warm-ups use prompts of their own
 
 
 def test_chat_poisson_and_length_ranges(bench_server, smollm2_tokenizer, tmp_path):

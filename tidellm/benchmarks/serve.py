@@ -244,7 +244,9 @@ async def _resolve_model(session, base_url: str, headers: dict) -> str:
     return models[0]["id"]
 
 
-async def benchmark(args: argparse.Namespace, requests: list[SampleRequest], tokenizer) -> dict:
+async def benchmark(
+    args: argparse.Namespace, requests: list[SampleRequest], warmups: list[SampleRequest], tokenizer
+) -> dict:
     import aiohttp
 
     chat = args.endpoint.endswith("/chat/completions")
@@ -252,15 +254,18 @@ async def benchmark(args: argparse.Namespace, requests: list[SampleRequest], tok
     url = base + args.endpoint
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = args.max_concurrency or 0
-    connector = aiohttp.TCPConnector(limit=limit, force_close=False)
+    # A fresh connection per request: some servers (llama.cpp's) close theirs after each stream, and a reused
+    # one they have just closed fails the next request. On loopback a connect costs well under a millisecond.
+    connector = aiohttp.TCPConnector(limit=limit, force_close=True)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         try:
             model = args.model or await _resolve_model(session, base, headers)
         except aiohttp.ClientError as e:
             raise ValueError(f"cannot reach {base}: {e}. Is the server up?") from None
 
-        # Warm-ups: untimed, with the same concurrency cap, to fill caches and compile paths.
-        if args.num_warmups:
+        # Warm-ups: untimed, with the same concurrency cap, on prompts of their own (so a prefix cache cannot turn
+        # a measured prefill into a hit).
+        if warmups:
             sem = asyncio.Semaphore(limit or args.num_warmups)
 
             async def warm(r: SampleRequest) -> RequestResult:
@@ -269,9 +274,7 @@ async def benchmark(args: argparse.Namespace, requests: list[SampleRequest], tok
                         session, url, headers, _payload(args, model, r, chat), chat, args.timeout
                     )
 
-            warm_res = await asyncio.gather(
-                *(warm(requests[i % len(requests)]) for i in range(args.num_warmups))
-            )
+            warm_res = await asyncio.gather(*(warm(r) for r in warmups))
             bad = [r.error for r in warm_res if not r.success]
             if bad:
                 raise ValueError(f"{len(bad)} of {args.num_warmups} warm-up requests failed; first: {bad[0]}")
@@ -399,33 +402,31 @@ def format_table(s: dict, percentiles: list[float]) -> str:
     return "\n".join(lines)
 
 
-def build_requests(args: argparse.Namespace, tokenizer) -> list[SampleRequest]:
+def build_requests(args: argparse.Namespace, tokenizer, n: int, seed: int) -> list[SampleRequest]:
     from tidellm.benchmarks.datasets import sample_prefix, sample_random, sample_sharegpt
 
     if args.dataset == "random":
         return sample_random(
             tokenizer,
-            args.num_prompts,
+            n,
             args.random_input_len,
             args.random_output_len,
             args.random_range_ratio,
-            args.seed,
+            seed,
         )
     if args.dataset == "prefix":
         return sample_prefix(
             tokenizer,
-            args.num_prompts,
+            n,
             args.prefix_num_prefixes,
             args.prefix_len,
             args.prefix_suffix_len,
             args.prefix_output_len,
-            args.seed,
+            seed,
         )
     if not args.dataset_path:
         raise ValueError("--dataset sharegpt needs --dataset-path FILE.json (a ShareGPT-format JSON list).")
-    return sample_sharegpt(
-        tokenizer, args.dataset_path, args.num_prompts, args.seed, args.sharegpt_output_len
-    )
+    return sample_sharegpt(tokenizer, args.dataset_path, n, seed, args.sharegpt_output_len)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -452,9 +453,12 @@ def main(args: argparse.Namespace) -> int:
 
     _validate(args)
     tokenizer = load_model_source(args.tokenizer or args.model).tokenizer
-    requests = build_requests(args, tokenizer)
+    # Warm-ups come from another seed: the measured prompts do not depend on --num-warmups, and a prefix cache
+    # cannot turn a measured prefill into a hit (a ShareGPT warm-up may, rarely, repeat a measured conversation).
+    requests = build_requests(args, tokenizer, args.num_prompts, args.seed)
+    warmups = build_requests(args, tokenizer, args.num_warmups, args.seed + 1) if args.num_warmups else []
     started = datetime.now(timezone.utc)
-    out = asyncio.run(benchmark(args, requests, tokenizer))
+    out = asyncio.run(benchmark(args, requests, warmups, tokenizer))
     s = out["summary"]
     s["max_concurrency"] = args.max_concurrency
     print(format_table(s, parse_percentiles(args.percentiles)))
