@@ -21,8 +21,15 @@ def random_prompts(vocab_size: int, special: set[int], n: int, length: int, seed
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    allowed = np.setdiff1d(np.arange(vocab_size), np.fromiter(special, dtype=np.int64))
+    allowed = non_special_ids(vocab_size, special)
     return [rng.choice(allowed, size=length).tolist() for _ in range(n)]
+
+
+def non_special_ids(vocab_size: int, special: set[int]):
+    """The token ids a random prompt may use (numpy array): every id but the special ones."""
+    import numpy as np
+
+    return np.setdiff1d(np.arange(vocab_size), np.fromiter(special, dtype=np.int64))
 
 
 def machine_info() -> dict[str, Any]:

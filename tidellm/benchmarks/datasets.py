@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tidellm.benchmarks.common import non_special_ids
 from tidellm.tokenizer.tokenizer import Tokenizer
 
 
@@ -20,12 +21,6 @@ class SampleRequest:
     prompt: str
     prompt_len: int  # tokens, as this tokenizer counts them (the server's own count wins when it reports one)
     expected_output_len: int
-
-
-def _allowed_ids(tokenizer: Tokenizer) -> np.ndarray:
-    return np.setdiff1d(
-        np.arange(tokenizer.vocab_size), np.fromiter(tokenizer.all_special_ids, dtype=np.int64)
-    )
 
 
 def _text_of_length(tokenizer: Tokenizer, ids: list[int], length: int, pool: np.ndarray, rng) -> str:
@@ -59,7 +54,7 @@ def sample_random(
     if input_len < 1 or output_len < 1:
         raise ValueError("--random-input-len and --random-output-len must be at least 1.")
     rng = np.random.default_rng(seed)
-    pool = _allowed_ids(tokenizer)
+    pool = non_special_ids(tokenizer.vocab_size, tokenizer.all_special_ids)
     in_lens = _lengths(rng, input_len, range_ratio, num_prompts)
     out_lens = _lengths(rng, output_len, range_ratio, num_prompts)
     out = []
@@ -86,7 +81,7 @@ def sample_prefix(
     if num_prefixes < 1 or prefix_len < 1 or suffix_len < 1:
         raise ValueError("--prefix-num-prefixes, --prefix-len and --prefix-suffix-len must be at least 1.")
     rng = np.random.default_rng(seed)
-    pool = _allowed_ids(tokenizer)
+    pool = non_special_ids(tokenizer.vocab_size, tokenizer.all_special_ids)
     prefixes = [
         _text_of_length(tokenizer, rng.choice(pool, size=prefix_len).tolist(), prefix_len, pool, rng)
         for _ in range(num_prefixes)

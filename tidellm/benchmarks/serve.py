@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -139,7 +140,7 @@ def _pct_key(p: float) -> str:
 
 
 async def _send(session, url: str, headers: dict, payload: dict, chat: bool, timeout: float) -> RequestResult:
-    """One streamed request; timestamps every chunk that carries a choice."""
+    """One streamed request; timestamps every chunk that carries output."""
     import aiohttp
 
     res = RequestResult()
@@ -158,34 +159,21 @@ async def _send(session, url: str, headers: dict, payload: dict, chat: bool, tim
             buf = b""
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
-                buf += chunk.replace(b"\r\n", b"\n")
-                *events, buf = buf.split(b"\n\n")
-                for event in events:
-                    for line in event.split(b"\n"):
-                        line = line.strip()
-                        if not line.startswith(b"data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            continue
-                        msg = json.loads(data)
-                        if "error" in msg:
-                            res.error = f"stream error: {json.dumps(msg['error'])[:500]}"
-                            return res
-                        if msg.get("usage"):
-                            usage = msg["usage"]
-                        choices = msg.get("choices")
-                        if not choices:
-                            continue
-                        has_output, text = _chunk_tokens(choices[0], chat)
-                        if not has_output:  # a role-only opener or a bare finish chunk carries no token
-                            continue
-                        if res.ttft == 0.0:
-                            res.ttft = now - start
-                        else:
-                            res.itl.append(now - last)
-                        last = now
-                        parts.append(text)
+                msgs, buf = _sse_messages(buf + chunk.replace(b"\r\n", b"\n"))
+                for msg in msgs:
+                    if "error" in msg:
+                        res.error = f"stream error: {json.dumps(msg['error'])[:500]}"
+                        return res
+                    usage = msg.get("usage") or usage
+                    has_output, text = _chunk_tokens((msg.get("choices") or [{}])[0], chat)
+                    if not has_output:  # usage-only, a role-only opener or a bare finish chunk: no token
+                        continue
+                    if res.ttft == 0.0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    parts.append(text)
             res.latency = time.perf_counter() - start
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as e:
         res.error = f"{type(e).__name__}: {e}"[:500]
@@ -198,6 +186,18 @@ async def _send(session, url: str, headers: dict, payload: dict, chat: bool, tim
     res.prompt_len = int(usage.get("prompt_tokens") or 0)
     res.success = True
     return res
+
+
+def _sse_messages(buf: bytes) -> tuple[list[dict], bytes]:
+    """The JSON messages of the complete server-sent events in ``buf``, and the incomplete tail."""
+    *events, rest = buf.split(b"\n\n")
+    msgs = []
+    for event in events:
+        for line in event.split(b"\n"):
+            line = line.strip()
+            if line.startswith(b"data:") and (data := line[5:].strip()) != b"[DONE]":
+                msgs.append(json.loads(data))
+    return msgs, rest
 
 
 def _chunk_tokens(choice: dict, chat: bool) -> tuple[bool, str]:
@@ -245,7 +245,12 @@ async def _resolve_model(session, base_url: str, headers: dict) -> str:
 
 
 async def benchmark(
-    args: argparse.Namespace, requests: list[SampleRequest], warmups: list[SampleRequest], tokenizer
+    args: argparse.Namespace,
+    requests: list[SampleRequest],
+    warmups: list[SampleRequest],
+    tokenizer,
+    slos: dict[str, float],
+    percentiles: list[float],
 ) -> dict:
     import aiohttp
 
@@ -256,51 +261,44 @@ async def benchmark(
     limit = args.max_concurrency or 0
     # A fresh connection per request: some servers (llama.cpp's) close theirs after each stream, and a reused
     # one they have just closed fails the next request. On loopback a connect costs well under a millisecond.
-    connector = aiohttp.TCPConnector(limit=limit, force_close=True)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
         try:
             model = args.model or await _resolve_model(session, base, headers)
         except aiohttp.ClientError as e:
             raise ValueError(f"cannot reach {base}: {e}. Is the server up?") from None
 
-        # Warm-ups: untimed, with the same concurrency cap, on prompts of their own (so a prefix cache cannot turn
-        # a measured prefill into a hit).
-        if warmups:
-            sem = asyncio.Semaphore(limit or args.num_warmups)
+        # The cap is a semaphore taken before a request's clock starts, so client-side queueing never counts
+        # as TTFT.
+        sem = asyncio.Semaphore(limit) if limit else contextlib.nullcontext()
+        in_flight = peak = 0
 
-            async def warm(r: SampleRequest) -> RequestResult:
-                async with sem:
+        async def send(r: SampleRequest, bar=None) -> RequestResult:
+            nonlocal in_flight, peak
+            async with sem:
+                in_flight += 1
+                peak = max(peak, in_flight)
+                try:
                     return await _send(
                         session, url, headers, _payload(args, model, r, chat), chat, args.timeout
                     )
+                finally:
+                    in_flight -= 1
+                    if bar is not None:
+                        bar.update(1)
 
-            warm_res = await asyncio.gather(*(warm(r) for r in warmups))
+        # Warm-ups: untimed, under the same cap, on prompts of their own (so a prefix cache cannot turn a
+        # measured prefill into a hit).
+        if warmups:
+            warm_res = await asyncio.gather(*(send(r) for r in warmups))
             bad = [r.error for r in warm_res if not r.success]
             if bad:
-                raise ValueError(f"{len(bad)} of {args.num_warmups} warm-up requests failed; first: {bad[0]}")
+                raise ValueError(f"{len(bad)} of {len(warmups)} warm-up requests failed; first: {bad[0]}")
+            peak = 0
 
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), disable=args.disable_tqdm, desc="requests")
-        sem = asyncio.Semaphore(limit) if limit else None
-        in_flight = 0
-        peak = 0
-
-        async def one(r: SampleRequest) -> RequestResult:
-            nonlocal in_flight, peak
-            if sem is not None:
-                await sem.acquire()
-            try:
-                in_flight += 1
-                peak = max(peak, in_flight)
-                out = await _send(session, url, headers, _payload(args, model, r, chat), chat, args.timeout)
-            finally:
-                in_flight -= 1
-                if sem is not None:
-                    sem.release()
-            bar.update(1)
-            return out
-
         import numpy as np
 
         rng = np.random.default_rng(args.seed)
@@ -310,7 +308,7 @@ async def benchmark(
         for r, w in zip(requests, waits, strict=True):
             if w > 0:
                 await asyncio.sleep(w)
-            tasks.append(asyncio.create_task(one(r)))
+            tasks.append(asyncio.create_task(send(r, bar)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()
@@ -318,7 +316,7 @@ async def benchmark(
         if r.success:
             r.prompt_len = r.prompt_len or req.prompt_len
             r.output_len = r.output_len or len(tokenizer.encode(r.text, add_special_tokens=False))
-    summary = summarize(results, duration, parse_goodput(args.goodput), parse_percentiles(args.percentiles))
+    summary = summarize(results, duration, slos, percentiles)
     summary["model"] = model
     summary["max_concurrent_requests"] = peak
     return {"summary": summary, "results": results}
@@ -345,13 +343,13 @@ def summarize(
 ) -> dict:
     """The vLLM-style metric set from per-request results (pure: unit-testable without a server)."""
     ok = [r for r in results if r.success]
-    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    # TPOT per request; None for one-token outputs, which have no time per *next* token.
+    tpot = [(r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else None for r in ok]
     n_in = sum(r.prompt_len for r in ok)
     n_out = sum(r.output_len for r in ok)
     good = 0
-    for r in ok:
-        tpot = (r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else 0.0
-        values = {"ttft": r.ttft, "tpot": tpot, "e2el": r.latency, "itl": max(r.itl, default=0.0)}
+    for r, t in zip(ok, tpot, strict=True):
+        values = {"ttft": r.ttft, "tpot": t or 0.0, "e2el": r.latency, "itl": max(r.itl, default=0.0)}
         if all(values[k] * 1000.0 <= slo for k, slo in slos.items()):
             good += 1
     summary = {
@@ -366,7 +364,7 @@ def summarize(
         "total_token_throughput": (n_in + n_out) / duration if duration > 0 else 0.0,
     }
     summary.update(_stats([r.ttft for r in ok], percentiles, "ttft"))
-    summary.update(_stats(tpots, percentiles, "tpot"))
+    summary.update(_stats([t for t in tpot if t is not None], percentiles, "tpot"))
     summary.update(_stats([x for r in ok for x in r.itl], percentiles, "itl"))
     summary.update(_stats([r.latency for r in ok], percentiles, "e2el"))
     summary["errors"] = [r.error for r in results if not r.success][:20]
@@ -397,7 +395,8 @@ def format_table(s: dict, percentiles: list[float]) -> str:
         row(f"Mean {m.upper()} (ms):", f"{s[f'mean_{m}_ms']:.2f}")
         row(f"Median {m.upper()} (ms):", f"{s[f'median_{m}_ms']:.2f}")
         for p in percentiles:
-            row(f"P{p:g} {m.upper()} (ms):", f"{s[f'{_pct_key(p)}_{m}_ms']:.2f}")
+            if p != 50:  # the median, printed above
+                row(f"P{p:g} {m.upper()} (ms):", f"{s[f'{_pct_key(p)}_{m}_ms']:.2f}")
     lines.append("=" * w)
     return "\n".join(lines)
 
@@ -429,7 +428,8 @@ def build_requests(args: argparse.Namespace, tokenizer, n: int, seed: int) -> li
     return sample_sharegpt(tokenizer, args.dataset_path, n, seed, args.sharegpt_output_len)
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace) -> tuple[dict[str, float], list[float]]:
+    """Checks the flags before any work; returns the parsed SLOs and percentiles."""
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be at least 1.")
     if args.max_concurrency is not None and args.max_concurrency < 1:
@@ -440,10 +440,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("--burstiness must be positive (1 = Poisson).")
     if args.num_warmups < 0:
         raise ValueError("--num-warmups must be 0 or more.")
-    parse_goodput(args.goodput)
-    parse_percentiles(args.percentiles)
     if not (args.tokenizer or args.model):
         raise ValueError("pass --tokenizer (a tidellm model name or path) to build prompts and count tokens.")
+    return parse_goodput(args.goodput), parse_percentiles(args.percentiles)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -451,17 +450,17 @@ def main(args: argparse.Namespace) -> int:
     from tidellm.benchmarks.common import machine_info, write_json
     from tidellm.model_executor.loader import load_model_source
 
-    _validate(args)
+    slos, percentiles = _validate(args)
     tokenizer = load_model_source(args.tokenizer or args.model).tokenizer
     # Warm-ups come from another seed: the measured prompts do not depend on --num-warmups, and a prefix cache
     # cannot turn a measured prefill into a hit (a ShareGPT warm-up may, rarely, repeat a measured conversation).
     requests = build_requests(args, tokenizer, args.num_prompts, args.seed)
     warmups = build_requests(args, tokenizer, args.num_warmups, args.seed + 1) if args.num_warmups else []
     started = datetime.now(timezone.utc)
-    out = asyncio.run(benchmark(args, requests, warmups, tokenizer))
+    out = asyncio.run(benchmark(args, requests, warmups, tokenizer, slos, percentiles))
     s = out["summary"]
     s["max_concurrency"] = args.max_concurrency
-    print(format_table(s, parse_percentiles(args.percentiles)))
+    print(format_table(s, percentiles))
     if s["errors"]:
         print(f"{s['failed']} requests failed; first error: {s['errors'][0]}")
     if args.save_result:
@@ -489,8 +488,8 @@ def main(args: argparse.Namespace) -> int:
             "num_warmups": args.num_warmups,
             "ignore_eos": args.ignore_eos,
             "temperature": args.temperature,
-            "goodput_slos_ms": parse_goodput(args.goodput),
-            "percentiles": parse_percentiles(args.percentiles),
+            "goodput_slos_ms": slos,
+            "percentiles": percentiles,
             "machine": machine_info(),  # the client's; on one machine, the server's too
             **s,
         }
