@@ -29,10 +29,21 @@ class ModelConfig:
     seed: int = _f(0, "Seed for unseeded random sampling.")
     revision: str | None = _f(None, "Revision of a Hugging Face repo id.")
     max_logprobs: int = _f(20, "Largest number of logprobs a request may ask for.")
+    quantization: str = _f(
+        "auto",
+        "Weight-only quantization on CPU. auto: keep GGUF Q4_0/Q4_1/Q8_0 weights as they are in the file "
+        "(exact); none: dense weights; q8_0 / q4_1: quantize every linear to 8 or 4 bits (smaller, faster, "
+        "slightly less accurate).",
+        choices=("auto", "none", "q8_0", "q4_1"),
+    )
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len}).")
+        if self.quantization not in ("auto", "none", "q8_0", "q4_1"):
+            raise ValueError(
+                f"quantization must be one of auto, none, q8_0, q4_1 (got {self.quantization!r})."
+            )
 
 
 @dataclass

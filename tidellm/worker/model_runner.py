@@ -20,6 +20,7 @@ from tidellm.model_executor.forward_context import set_forward_context
 from tidellm.model_executor.layers.attention import AttentionMetadata
 from tidellm.model_executor.loader import ModelLoadError, ModelSource
 from tidellm.model_executor.models.registry import get_model_class
+from tidellm.model_executor.quant.method import apply_quantization, plan_quantization
 from tidellm.platforms import available_memory_bytes
 from tidellm.sample.metadata import RowState, SamplingMetadata
 from tidellm.sample.sampler import Sampler, compute_prompt_logprobs
@@ -59,9 +60,13 @@ class ModelRunner:
         model_cls = get_model_class(self.arch)
         with torch.device(device):
             self.model = model_cls(self.arch, dtype=dtype, device=device)
-        self.model.load_weights(source.iter_weights())
+        plan, default_fmt = plan_quantization(config.model.quantization, source, device)
+        keep_blocks = apply_quantization(self.model, plan, default_fmt)
+        self.model.load_weights(source.iter_weights(frozenset(keep_blocks)))
         self.model.eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weight_bytes += sum(m.qweight.nbytes for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+        self.num_block_layers = sum(1 for m in self.model.modules() if getattr(m, "qweight", None) is not None)
         self.kv_plan = plan_kv_cache(config, self.arch, dtype, device)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_caches = self.kv_plan.allocate()

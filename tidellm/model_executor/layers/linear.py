@@ -4,8 +4,9 @@ Every parameter carries a ``weight_loader(param, loaded, shard_id)``: the model'
 checkpoint name to (parameter, shard id) and the layer knows where that shard sits. Tensor parallelism
 later slices its rank's part in the same loader.
 
-How a weight is stored and multiplied is a ``LinearMethod``: the swap point for weight-only int8/int4
-linears (``model_executor/quant``), which create their own parameters and ``apply``.
+How a weight is stored, loaded and multiplied is a ``LinearMethod``: the swap point for the weight-only
+block-quantized linears (``model_executor/quant``), which keep their own storage behind the same
+``weight`` parameter name so checkpoint loading is unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ class LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def load(self, layer: nn.Module, param: nn.Parameter, loaded, rows: tuple[int, int] | None) -> None:
+        """Store checkpoint tensor ``loaded`` (a dense tensor, or a ``QuantizedTensor`` straight from a GGUF
+        file) as the weight's rows ``rows = (offset, size)``, or as all of it when ``rows`` is None."""
+        if not isinstance(loaded, torch.Tensor):
+            loaded = loaded.dequantize()
+        target = param.data if rows is None else param.data.narrow(0, *rows)
+        if tuple(loaded.shape) != tuple(target.shape):
+            raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(target.shape)}")
+        target.copy_(loaded)
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -76,33 +87,38 @@ class Linear(nn.Module):
         self.output_size = output_size
         # shard id -> (offset, size) along the output dimension; empty for an unmerged layer.
         self.shard_offsets: dict[Hashable, tuple[int, int]] = {}
-        self.linear_method = linear_method or UnquantizedLinearMethod()
-        self.linear_method.create_weights(self, input_size, output_size, dtype, device)
+        self.dtype = dtype
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(output_size, dtype=dtype, device=device), requires_grad=False
             )
         else:
             self.register_parameter("bias", None)
+        self.set_linear_method(linear_method or UnquantizedLinearMethod(), device)
+
+    def set_linear_method(self, method: LinearMethod, device: torch.device) -> None:
+        """(Re)create the weight storage for ``method``; done before the weights are loaded."""
+        self._parameters.pop("weight", None)
+        self.linear_method = method
+        method.create_weights(self, self.input_size, self.output_size, self.dtype, device)
         for param in self.parameters(recurse=False):
             param.weight_loader = self.weight_loader
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None
-    ) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: Hashable | None = None) -> None:
         """Copy (and cast) ``loaded`` into ``param``, or into the rows of shard ``shard_id``."""
-        target = param.data
+        rows = None
         if shard_id is not None:
             if shard_id not in self.shard_offsets:
                 raise ValueError(f"unknown shard id {shard_id!r} (this layer has {list(self.shard_offsets)})")
-            offset, size = self.shard_offsets[shard_id]
-            target = target.narrow(0, offset, size)
-        if tuple(loaded.shape) != tuple(target.shape):
+            rows = self.shard_offsets[shard_id]
+        try:
+            if param is self.bias:
+                LinearMethod.load(self.linear_method, self, param, loaded, rows)
+            else:
+                self.linear_method.load(self, param, loaded, rows)
+        except ValueError as e:
             where = "" if shard_id is None else f" for shard {shard_id!r}"
-            raise ValueError(
-                f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(target.shape)}{where}"
-            )
-        target.copy_(loaded)
+            raise ValueError(f"{e}{where}") from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x, self.bias)  # [..., output_size]

@@ -21,6 +21,7 @@ from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.loader.dequant import BLOCK_DEQUANTIZERS
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.gguf_file import GGUFFile, GGUFTensorInfo
+from tidellm.model_executor.quant.blocks import EXACT_GGUF_FORMATS, QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +142,33 @@ class GGUFWeights:
     def names(self) -> list[str]:
         return [name for name, _ in self._plan]
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, info in self._plan:
-            yield name, self.load(name, info)
+    def gguf_types(self) -> dict[str, GGMLQuantizationType]:
+        """HF name -> the tensor's GGUF type (what ``keep_blocks`` can keep)."""
+        return {name: info.qtype for name, info in self._plan}
 
-    def load(self, name: str, info: GGUFTensorInfo) -> torch.Tensor:
-        w = dequantize(self.gguf.raw(info), info.qtype, info.shape)
+    def iter_weights(self, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Dense tensors, except the names in ``keep_blocks`` whose type converts exactly to a block format:
+        those come as ``QuantizedTensor`` without being widened."""
+        for name, info in self._plan:
+            yield name, self.load(name, info, name in keep_blocks and info.qtype in EXACT_GGUF_FORMATS)
+
+    def load(self, name: str, info: GGUFTensorInfo, as_blocks: bool = False):
+        raw = self.gguf.raw(info)
+        if as_blocks:
+            w = QuantizedTensor.from_gguf(raw, info.qtype, info.shape)
+        else:
+            w = dequantize(raw, info.qtype, info.shape)
         if self.family == "llama":
+            heads = None
             if ".self_attn.q_proj." in name:
-                w = unpermute_rows(w, self.arch.num_attention_heads)
+                heads = self.arch.num_attention_heads
             elif ".self_attn.k_proj." in name:
-                w = unpermute_rows(w, self.arch.num_key_value_heads)
+                heads = self.arch.num_key_value_heads
+            if heads is not None:
+                if as_blocks:  # the same row order, applied to the blocks' rows
+                    w = w.rows(unpermute_rows(torch.arange(info.shape[0]), heads))
+                else:
+                    w = unpermute_rows(w, heads)
         if self.family == "gemma3" and name.endswith("norm.weight"):
             w = (w.float() - 1.0).to(w.dtype)
         return w

@@ -44,8 +44,11 @@ class ModelSource:
         """Parameter count from tensor shapes (no data read): for the memory check before loading."""
         return self.weights.num_params()
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face parameter name, CPU tensor) pairs; float32, or the checkpoint's bf16/fp16."""
+    def iter_weights(self, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face parameter name, CPU tensor) pairs; float32, or the checkpoint's bf16/fp16. GGUF
+        tensors named in ``keep_blocks`` come as ``QuantizedTensor`` where their type allows it."""
+        if keep_blocks and self.format == "gguf":
+            return self.weights.iter_weights(keep_blocks)
         return self.weights.iter_weights()
 
 

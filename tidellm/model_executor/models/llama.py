@@ -118,6 +118,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    stacked_params = STACKED_PARAMS  # read by the quantization swap to name each merged layer's shards
+
     def __init__(
         self, arch: ArchConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None
     ) -> None:

@@ -1,0 +1,115 @@
+"""Block-quantized weight matrices: the two formats the CPU kernels run, and conversions into them.
+
+``q4_1``: 4-bit codes with a scale and a minimum per 32 weights (4.5 bits with fp32 scales... stored as
+fp32 here: 6 bits per weight), value = d * q + m. ``q8_0``: int8 codes with a scale per 32 weights, value =
+d * q. Both are GGUF's layouts with the fp16 scales widened to fp32, so GGUF Q4_0, Q4_1 and Q8_0 tensors
+convert without changing a single weight; anything else is re-quantized (round to nearest), which does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+BLOCK = 32
+FORMATS = ("q4_1", "q8_0")
+Q = GGMLQuantizationType
+# GGUF types that convert exactly, and into which format.
+EXACT_GGUF_FORMATS: dict[GGMLQuantizationType, str] = {Q.Q4_0: "q4_1", Q.Q4_1: "q4_1", Q.Q8_0: "q8_0"}
+
+
+@dataclass
+class QuantizedTensor:
+    """A [rows, cols] weight matrix in blocks of 32 along cols. ``m`` is None for q8_0."""
+
+    fmt: str
+    shape: tuple[int, int]
+    q: torch.Tensor  # q4_1: [rows, cols/32, 16] uint8 (low nibbles: elements 0-15, high: 16-31); q8_0: int8 [rows, cols/32, 32]
+    d: torch.Tensor  # [rows, cols/32] fp32
+    m: torch.Tensor | None  # [rows, cols/32] fp32
+
+    @classmethod
+    def empty(cls, fmt: str, rows: int, cols: int, device: torch.device | str = "cpu") -> QuantizedTensor:
+        nb = cols // BLOCK
+        if fmt == "q4_1":
+            q = torch.empty(rows, nb, 16, dtype=torch.uint8, device=device)
+            m = torch.empty(rows, nb, dtype=torch.float32, device=device)
+        elif fmt == "q8_0":
+            q, m = torch.empty(rows, nb, BLOCK, dtype=torch.int8, device=device), None
+        else:
+            raise ValueError(f"unknown block format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        return cls(fmt, (rows, cols), q, torch.empty(rows, nb, dtype=torch.float32, device=device), m)
+
+    @classmethod
+    def from_gguf(cls, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> QuantizedTensor:
+        """GGUF Q4_0 / Q4_1 / Q8_0 bytes ``[rows, row_bytes]`` of a ``[rows, cols]`` tensor, unchanged in value."""
+        rows, cols = shape
+        nb = cols // BLOCK
+
+        def f16(blocks: np.ndarray, at: int) -> torch.Tensor:
+            v = np.ascontiguousarray(blocks[:, at : at + 2]).view(np.float16).astype(np.float32)
+            return torch.from_numpy(v.reshape(rows, nb))
+
+        def codes(blocks: np.ndarray, at: int, size: int, dtype: type) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(blocks[:, at : at + size]).view(dtype).reshape(rows, nb, size))
+
+        if qtype == Q.Q8_0:
+            blocks = raw.reshape(-1, 34)
+            return cls("q8_0", (rows, cols), codes(blocks, 2, 32, np.int8), f16(blocks, 0), None)
+        if qtype == Q.Q4_1:
+            blocks = raw.reshape(-1, 20)
+            return cls("q4_1", (rows, cols), codes(blocks, 4, 16, np.uint8), f16(blocks, 0), f16(blocks, 2))
+        if qtype == Q.Q4_0:  # d * (q - 8) == d * q + (-8 d)
+            blocks = raw.reshape(-1, 18)
+            d = f16(blocks, 0)
+            return cls("q4_1", (rows, cols), codes(blocks, 2, 16, np.uint8), d, d * -8.0)
+        raise ValueError(f"GGUF type {qtype.name} has no exact block format here")
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, fmt: str) -> QuantizedTensor:
+        """Round-to-nearest quantization of a dense [rows, cols] matrix (cols % 32 == 0)."""
+        rows, cols = w.shape
+        b = w.detach().float().cpu().reshape(rows, cols // BLOCK, BLOCK)
+        if fmt == "q8_0":
+            d = b.abs().amax(-1) / 127.0
+            inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+            q = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+            return cls(fmt, (rows, cols), q.contiguous(), d.contiguous(), None)
+        if fmt == "q4_1":
+            lo, hi = b.amin(-1), b.amax(-1)
+            d = (hi - lo) / 15.0
+            inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+            q = torch.round((b - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+            packed = q[..., :16] | (q[..., 16:] << 4)
+            return cls(fmt, (rows, cols), packed.contiguous(), d.contiguous(), lo.contiguous())
+        raise ValueError(f"unknown block format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense fp32 [rows, cols] matrix (reference path; the kernels never build it for small batches)."""
+        rows, cols = self.shape
+        if self.fmt == "q8_0":
+            return (self.q.float() * self.d[..., None]).reshape(rows, cols)
+        q = torch.cat([self.q & 0x0F, self.q >> 4], dim=-1).float()
+        return (q * self.d[..., None] + self.m[..., None]).reshape(rows, cols)
+
+    def rows(self, index: torch.Tensor) -> QuantizedTensor:
+        """The rows ``index`` (a permutation or a selection), as a new tensor."""
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return QuantizedTensor(self.fmt, (len(index), self.shape[1]), pick(self.q), pick(self.d), pick(self.m))
+
+    def copy_rows_(self, offset: int, src: QuantizedTensor) -> None:
+        """Write ``src`` into rows [offset, offset + src rows) (a shard of a merged projection)."""
+        if src.fmt != self.fmt or src.shape[1] != self.shape[1]:
+            raise ValueError(f"cannot copy a {src.fmt} {src.shape} shard into a {self.fmt} {self.shape} weight")
+        n = src.shape[0]
+        self.q[offset : offset + n].copy_(src.q)
+        self.d[offset : offset + n].copy_(src.d)
+        if self.m is not None:
+            self.m[offset : offset + n].copy_(src.m)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.m) if t is not None)

@@ -1,0 +1,129 @@
+"""The CPU quantized-matmul kernels (``cpu_quant.cpp``): compiled on first use for this CPU, cached on disk.
+
+Why a compiled kernel: decoding one token streams every weight from memory once, and PyTorch's CPU int8/int4
+weight-only matmuls (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 10-50x slower than an
+fp32 GEMV on AVX2 machines, so they lose to plain fp32 weights. The kernel is a C ABI loaded with ctypes:
+it needs only a C++ compiler (no ninja, no torch headers), builds in about a second, and is keyed by its
+source, flags and the CPU's feature flags so a cache shared between machines never runs foreign code.
+When no compiler is found the quantized layers fall back to dequantized fp32 weights (and say so once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tidellm.model_executor.loader.named_models import cache_root
+from tidellm.platforms import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+BLOCK = 32  # elements per quantization block (both formats)
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel library could not be built or loaded here; the message says why."""
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _build(cxx: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / out.name
+        proc = subprocess.run(
+            [cxx, *FLAGS, str(SOURCE), "-o", str(tmp_so)], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"{cxx} failed to build {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp_so, out)  # atomic: concurrent builders never load a half-written file
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (built first if this source/CPU has no cached build). Raises
+    KernelUnavailable with the reason when that is impossible."""
+    cxx = _compiler()
+    if cxx is None:
+        raise KernelUnavailable("no C++ compiler found (install g++ or set $CXX)")
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join([cxx, *FLAGS, *sorted(cpu_flags())]).encode())
+    path = cache_root() / "kernels" / f"cpu_quant-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        t0 = time.perf_counter()
+        _build(cxx, path)
+        logger.info("Built the CPU quantized-matmul kernels in %.1f s (%s)", time.perf_counter() - t0, path)
+    torch.get_num_threads()  # torch (and with it its libgomp) is loaded before ours, so both share one pool
+    lib = ctypes.CDLL(str(path))
+    lib.tide_q4_1_gemm.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
+    lib.tide_q4_1_gemm.restype = None
+    lib.tide_q8_0_gemm.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr]
+    lib.tide_q8_0_gemm.restype = None
+    lib.tide_q4_1_dequant.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr]
+    lib.tide_q4_1_dequant.restype = None
+    lib.tide_q8_0_dequant.argtypes = [_ptr, _ptr, _i64, _i64, _ptr]
+    lib.tide_q8_0_dequant.restype = None
+    lib.tide_simd_level.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    try:
+        library()
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as e:
+        _warn_once(str(e))
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    logger.warning("Quantized CPU kernels unavailable (%s); using dequantized fp32 weights instead.", reason)
+
+
+def matmul(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32 contiguous times the blocks' [N, K] transposed -> [M, N] fp32.
+
+    Q4_1 when ``m`` is given: q [N, K/32, 16] uint8, d and m [N, K/32] fp32; else Q8_0: q [N, K/32, 32]
+    int8, d [N, K/32]."""
+    n_rows, k = x.shape
+    out = torch.empty(n_rows, q.shape[0], dtype=torch.float32)
+    lib = library()
+    if m is not None:
+        lib.tide_q4_1_gemm(
+            x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), m.data_ptr(), q.shape[0], out.data_ptr()
+        )
+    else:
+        lib.tide_q8_0_gemm(x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr())
+    return out
+
+
+def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """The blocks as fp32 rows, written into ``out`` [N, K] (contiguous)."""
+    n, k = out.shape
+    lib = library()
+    if m is not None:
+        lib.tide_q4_1_dequant(q.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
+    else:
+        lib.tide_q8_0_dequant(q.data_ptr(), d.data_ptr(), n, k, out.data_ptr())
+    return out

@@ -1,0 +1,198 @@
+// Weight-only quantized matmuls for CPUs: y[M, N] = x[M, K] . W[N, K]^T with W kept in 32-element blocks
+// (the layouts of GGUF's Q4_1 and Q8_0, with fp32 scales). Activations stay fp32: a block's integer codes
+// are widened to fp32 once and multiplied with up to eight input rows, so weights stream from memory at
+// 4.5 (Q4_1) or 8.5 (Q8_0) bits each instead of 32 -- decode on CPUs is bound by that stream.
+//
+// Q4_1 block b of row n: value[j] = d[n,b] * q[j] + m[n,b], q in 0..15; byte j of the 16 code bytes holds
+// element j in its low nibble and element j + 16 in its high nibble (ggml's order).
+// Q8_0 block b of row n: value[j] = d[n,b] * q[j], q int8.
+// We compute sum_j value[j] * x[j] as d * sum_j q[j] x[j] + m * sum_j x[j] (block sums of x precomputed).
+//
+// Plain C ABI (called through ctypes), OpenMP for threads: the process's libgomp is torch's, so this shares
+// torch's thread pool and its set_num_threads.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TIDE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kMaxRows = 8;  // input rows per pass over a weight row (accumulators in registers)
+
+#ifdef TIDE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Q41 {
+  static constexpr int kBytes = 16;
+  static inline void widen(const uint8_t* p, __m256 w[4]) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+};
+
+struct Q80 {
+  static constexpr int kBytes = 32;
+  static inline void widen(const uint8_t* p, __m256 w[4]) {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i));
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+  }
+};
+
+// One weight row against ROWS input rows: out[r * ldo] = sum_b d_b * (q_b . x_rb) (+ min terms by caller).
+template <class F, int ROWS>
+inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, float* res) {
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 w[4];
+    F::widen(q + b * F::kBytes, w);
+    const __m256 scale = _mm256_broadcast_ss(d + b);
+    for (int r = 0; r < ROWS; ++r) {
+      const float* xp = x + r * ldx + b * kBlock;
+      __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
+      __m256 s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xp + 8));
+      s0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp + 16), s0);
+      s1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp + 24), s1);
+      acc[r] = _mm256_fmadd_ps(scale, _mm256_add_ps(s0, s1), acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) res[r] = hsum(acc[r]);
+}
+#else
+struct Q41 {
+  static constexpr int kBytes = 16;
+  static inline float code(const uint8_t* p, int j) { return j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4); }
+};
+struct Q80 {
+  static constexpr int kBytes = 32;
+  static inline float code(const uint8_t* p, int j) { return static_cast<int8_t>(p[j]); }
+};
+template <class F, int ROWS>
+inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, float* res) {
+  for (int r = 0; r < ROWS; ++r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int j = 0; j < kBlock; ++j) s += F::code(q + b * F::kBytes, j) * x[r * ldx + b * kBlock + j];
+      acc += d[b] * s;
+    }
+    res[r] = acc;
+  }
+}
+#endif
+
+template <class F>
+using RowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, float*);
+
+template <class F>
+void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* mins, int64_t N,
+          float* out) {
+  const int64_t nb = K / kBlock;
+  static const RowFn<F> kernels[kMaxRows + 1] = {nullptr,          row_dot<F, 1>, row_dot<F, 2>, row_dot<F, 3>,
+                                                 row_dot<F, 4>,    row_dot<F, 5>, row_dot<F, 6>, row_dot<F, 7>,
+                                                 row_dot<F, 8>};
+  // Block sums of x, for the min terms of Q4_1.
+  std::vector<float> xsum;
+  if (mins != nullptr) {
+    xsum.resize(M * nb);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        float s = 0.f;
+        for (int j = 0; j < kBlock; ++j) s += x[r * K + b * kBlock + j];
+        xsum[r * nb + b] = s;
+      }
+  }
+  const int64_t row_bytes = nb * F::kBytes;
+  // Output rows in chunks that keep every thread busy but amortize the scheduling.
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    const float* dn = d + n * nb;
+    float res[kMaxRows];
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int rows = static_cast<int>(M - r0 < kMaxRows ? M - r0 : kMaxRows);
+      kernels[rows](x + r0 * K, K, nb, qn, dn, res);
+      for (int r = 0; r < rows; ++r) {
+        float v = res[r];
+        if (mins != nullptr) {
+          const float* mn = mins + n * nb;
+          const float* xs = xsum.data() + (r0 + r) * nb;
+          for (int64_t b = 0; b < nb; ++b) v += mn[b] * xs[b];
+        }
+        out[(r0 + r) * N + n] = v;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [M, K] fp32 contiguous, K % 32 == 0; q [N, K/32, 16] u8; d, m [N, K/32] fp32; out [M, N] fp32.
+void tide_q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
+                    int64_t N, float* out) {
+  gemm<Q41>(x, M, K, q, d, m, N, out);
+}
+
+// x [M, K]; q [N, K/32, 32] int8; d [N, K/32] fp32; out [M, N].
+void tide_q8_0_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
+                    float* out) {
+  gemm<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+}
+
+// Widen whole rows back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
+void tide_q4_1_dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* qb = q + (n * nb + b) * 16;
+      const float db = d[n * nb + b], mb = m[n * nb + b];
+      float* o = out + n * K + b * kBlock;
+      for (int j = 0; j < 16; ++j) {
+        o[j] = db * static_cast<float>(qb[j] & 0x0F) + mb;
+        o[j + 16] = db * static_cast<float>(qb[j] >> 4) + mb;
+      }
+    }
+}
+
+void tide_q8_0_dequant(const int8_t* q, const float* d, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* qb = q + (n * nb + b) * kBlock;
+      const float db = d[n * nb + b];
+      float* o = out + n * K + b * kBlock;
+      for (int j = 0; j < kBlock; ++j) o[j] = db * static_cast<float>(qb[j]);
+    }
+}
+
+int tide_simd_level() {
+#ifdef TIDE_AVX2
+  return 2;
+#else
+  return 0;
+#endif
+}
+
+}  // extern "C"

@@ -1,0 +1,174 @@
+"""Which weights to hold as blocks, and the layer methods that store and multiply them.
+
+``--quantization`` (``ModelConfig.quantization``):
+- ``auto`` (default): on CPU, keep GGUF tensors that are Q4_0, Q4_1 or Q8_0 as blocks. No weight changes
+  value, so outputs match the dense fp32 model up to summation order; everything else stays dense.
+- ``none``: dense weights in the model dtype everywhere (the reference path).
+- ``q8_0`` / ``q4_1``: every linear and the embedding as blocks, re-quantizing what is not already in that
+  format (round to nearest): smaller and faster, with a quality cost measured in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
+from tidellm.model_executor.layers.linear import Linear, LinearMethod
+from tidellm.model_executor.quant import cpu_kernels
+from tidellm.model_executor.quant.blocks import BLOCK, EXACT_GGUF_FORMATS, FORMATS, QuantizedTensor
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_CHOICES = ("auto", "none", *FORMATS)
+# Batches up to this many rows run through the block kernel, which reads each weight once and is
+# memory-bound; larger ones widen the weight into a shared scratch buffer and use the BLAS GEMM, which
+# wins once the matmul is compute-bound (crossover measured at 16-32 rows on a 2-core AVX2 machine).
+MAX_KERNEL_ROWS = 16
+
+
+class DenseScratch:
+    """One fp32 buffer shared by every block layer of a model for its widened weight (layers run one
+    after another, so one is enough)."""
+
+    def __init__(self) -> None:
+        self._buf = torch.empty(0, dtype=torch.float32)
+
+    def get(self, rows: int, cols: int) -> torch.Tensor:
+        if self._buf.numel() < rows * cols:
+            self._buf = torch.empty(rows * cols, dtype=torch.float32)
+        return self._buf[: rows * cols].view(rows, cols)
+
+
+class BlockQuantMethod:
+    """Stores and multiplies one block format."""
+
+    def __init__(self, fmt: str, scratch: DenseScratch) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown block format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.scratch = scratch
+
+    def empty(self, rows: int, cols: int) -> QuantizedTensor:
+        return QuantizedTensor.empty(self.fmt, rows, cols)
+
+    def store(self, target: QuantizedTensor, loaded, rows: tuple[int, int] | None) -> None:
+        """Write checkpoint tensor ``loaded`` (dense, or blocks from a GGUF file) into ``target``'s rows."""
+        offset, size = (0, target.shape[0]) if rows is None else rows
+        if isinstance(loaded, QuantizedTensor) and loaded.fmt != self.fmt:
+            loaded = loaded.dequantize()
+        if isinstance(loaded, torch.Tensor):
+            if loaded.dim() != 2:
+                raise ValueError(f"expected a 2-D weight, got shape {tuple(loaded.shape)}")
+            loaded = QuantizedTensor.quantize(loaded, self.fmt)
+        if loaded.shape != (size, target.shape[1]):
+            raise ValueError(f"checkpoint shape {loaded.shape} != expected {(size, target.shape[1])}")
+        target.copy_rows_(offset, loaded)
+
+    def matmul(self, x: torch.Tensor, w: QuantizedTensor, always_blocks: bool = False) -> torch.Tensor:
+        """x [..., K] -> x W^T [..., N] in fp32."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        if always_blocks or x2.shape[0] <= MAX_KERNEL_ROWS:
+            y = cpu_kernels.matmul(x2, w.q, w.d, w.m)
+        else:
+            y = F.linear(x2, cpu_kernels.dequantize(w.q, w.d, w.m, self.scratch.get(*w.shape)))
+        return y.view(*lead, w.shape[0])
+
+
+class BlockQuantLinearMethod(LinearMethod):
+    """A linear layer's weight as blocks (``layer.qweight``); ``layer.weight`` stays as an empty parameter
+    so checkpoint names keep pointing at it."""
+
+    def __init__(self, block: BlockQuantMethod) -> None:
+        self.block = block
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        layer.qweight = self.block.empty(output_size, input_size)
+        layer.register_parameter("weight", nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False))
+
+    def load(self, layer: nn.Module, param: nn.Parameter, loaded, rows: tuple[int, int] | None) -> None:
+        self.block.store(layer.qweight, loaded, rows)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.block.matmul(x, layer.qweight)
+        if bias is not None:
+            y += bias
+        return y.to(x.dtype)
+
+
+def plan_quantization(method: str, source, device: torch.device) -> tuple[dict[str, str], str | None]:
+    """(checkpoint weight name -> block format, format for every other eligible weight or None).
+
+    Empty when the method is ``none``, the device is not a CPU, or the kernels cannot be built here."""
+    if method not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (got {method!r}).")
+    if method == "none" or device.type != "cpu":
+        if method not in ("none", "auto"):
+            raise ValueError(f"quantization={method!r} runs on CPU only; use quantization='none' on {device}.")
+        return {}, None
+    if not cpu_kernels.available():
+        if method != "auto":
+            raise ValueError(
+                f"quantization={method!r} needs the CPU block kernels, which cannot be built here (see the "
+                "warning above); install a C++ compiler or use quantization='none'."
+            )
+        return {}, None
+    if method == "auto":
+        types = source.weights.gguf_types() if source.format == "gguf" else {}
+        return {name: EXACT_GGUF_FORMATS[t] for name, t in types.items() if t in EXACT_GGUF_FORMATS}, None
+    return {}, method
+
+
+def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | None) -> set[str]:
+    """Swap the layers whose checkpoint weights the plan covers to block storage (before loading).
+
+    A merged layer (qkv, gate_up) is converted only when all its shards agree on a format. Returns the
+    checkpoint names that should be streamed as blocks when the file has them."""
+    scratch = DenseScratch()
+    methods: dict[str, BlockQuantMethod] = {}
+    stacked = getattr(model, "stacked_params", [])
+    kept: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Linear):
+            names = _checkpoint_names(prefix, module, stacked)
+        elif isinstance(module, VocabEmbedding) or (isinstance(module, LMHead) and not module.tied):
+            names = [f"{prefix}.weight"]
+        else:
+            continue
+        fmts = {plan.get(n, default) for n in names}
+        if len(fmts) != 1 or None in fmts or module_input_size(module) % BLOCK:
+            continue
+        fmt = fmts.pop()
+        block = methods.setdefault(fmt, BlockQuantMethod(fmt, scratch))
+        if isinstance(module, Linear):
+            module.set_linear_method(BlockQuantLinearMethod(block), torch.device("cpu"))
+        else:
+            module.use_blocks(block)
+        kept.update(names)
+    if kept:
+        logger.info("Weights held as blocks: %d checkpoint tensors (%s)", len(kept), ", ".join(sorted(methods)))
+    return kept
+
+
+def module_input_size(module: nn.Module) -> int:
+    return module.input_size if isinstance(module, Linear) else module.hidden_size
+
+
+def _checkpoint_names(prefix: str, layer: Linear, stacked: list) -> list[str]:
+    """The checkpoint tensors that load into ``layer`` (one per shard of a merged projection)."""
+    own = f"{prefix}.weight"
+    if not layer.shard_offsets:
+        return [own]
+    names = []
+    for shard in layer.shard_offsets:
+        for ours, theirs, shard_id in stacked:
+            if shard_id == shard and ours in f"{prefix}.":
+                names.append(own.replace(ours, theirs))
+                break
+    return names
