@@ -247,7 +247,8 @@ def test_tied_head_shares_embedding_and_bf16_cast() -> None:
     arch = arch_from_hf(hf.config)
     model = get_model_class(arch)(arch, dtype=torch.bfloat16, device=torch.device("cpu"))
     model.load_weights((k, v) for k, v in hf.state_dict().items() if k != "lm_head.weight")
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.source is model.model.embed_tokens
+    assert not list(model.lm_head.parameters())  # counted once, in the embedding
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     torch.testing.assert_close(
         model.model.embed_tokens.weight.float(), hf.model.embed_tokens.weight, rtol=1e-2, atol=0

@@ -63,9 +63,14 @@ class LMHead(_VocabMatrix):
         self._tied_to = (tied_to,)  # a tuple, so the embedding is not registered (and counted) twice
         self.matmul_in_fp32 = matmul_in_fp32(dtype, device)
 
+    @property
+    def source(self) -> _VocabMatrix:
+        """The module that holds the matrix: the embedding when tied, else this head."""
+        return self._tied_to[0] or self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32 (the sampler works in fp32 whatever the model dtype)."""
-        src = self._tied_to[0] or self
+        src = self.source
         if src.qweight is not None:
             return src.quant_method.matmul(hidden, src.qweight, always_blocks=True)
         if self.matmul_in_fp32:
