@@ -1,10 +1,15 @@
-"""RMSNorm, with the residual add folded in so a decoder layer allocates one tensor less per norm."""
+"""RMSNorm, with the residual add folded in so a decoder layer allocates one tensor less per norm.
+
+On CPU in fp32 the add and the norm are one compiled pass (``kernels/cpu``): ``F.rms_norm`` is five ATen
+ops there, about 16-40 us per call for a single token, 61 calls per step."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tidellm.model_executor.kernels import cpu as cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self._use_kernel: bool | None = None  # decided on the first call (fp32 on a CPU with the kernels)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -23,6 +29,11 @@ class RMSNorm(nn.Module):
         """``norm(x)``, or with a residual: ``(norm(x + residual), x + residual)``.
 
         The sum is written into ``x`` in place: callers pass a fresh activation (a projection output)."""
+        if self._use_kernel is None:
+            self._use_kernel = x.dtype == torch.float32 and x.device.type == "cpu" and cpu_kernels.available()
+        if self._use_kernel and x.is_contiguous() and (residual is None or residual.is_contiguous()):
+            out = cpu_kernels.rms_norm(x, residual, self.weight, self.eps)  # one pass, no thread wake-ups
+            return out if residual is None else (out, x)
         if residual is None:
             return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
         x = x.add_(residual)

@@ -18,7 +18,7 @@ from torch import nn
 
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, LinearMethod
-from tidellm.model_executor.quant import cpu_kernels
+from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.quant.blocks import BLOCK, EXACT_GGUF_FORMATS, FORMATS, QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 QUANTIZATION_CHOICES = ("auto", "none", *FORMATS)
 # Batches up to this many rows run through the block kernel, which reads each weight once and is
 # memory-bound; larger ones widen the weight into a shared scratch buffer and use the BLAS GEMM, which
-# wins once the matmul is compute-bound (crossover measured at 16-32 rows on a 2-core AVX2 machine).
-MAX_KERNEL_ROWS = 16
+# wins once the matmul is compute-bound (crossover measured between 32 and 64 rows on a 2-core AVX2 machine).
+MAX_KERNEL_ROWS = 32
+# Largest widened slice (fp32 elements): 8 MiB, so it is still in the last-level cache when the GEMM reads it.
+SCRATCH_FLOATS = 2 * 2**20
 
 
 class DenseScratch:
@@ -68,15 +70,23 @@ class BlockQuantMethod:
             raise ValueError(f"checkpoint shape {loaded.shape} != expected {(size, target.shape[1])}")
         target.copy_rows_(offset, loaded)
 
-    def matmul(self, x: torch.Tensor, w: QuantizedTensor, always_blocks: bool = False) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
         """x [..., K] -> x W^T [..., N] in fp32."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        if always_blocks or x2.shape[0] <= MAX_KERNEL_ROWS:
-            y = cpu_kernels.matmul(x2, w.q, w.d, w.m)
-        else:
-            y = F.linear(x2, cpu_kernels.dequantize(w.q, w.d, w.m, self.scratch.get(*w.shape)))
-        return y.view(*lead, w.shape[0])
+        if x2.shape[0] <= MAX_KERNEL_ROWS:
+            return cpu_kernels.matmul(x2, w.q, w.d, w.m).view(*lead, w.shape[0])
+        rows, cols = w.shape
+        chunk = max(1, SCRATCH_FLOATS // cols)
+        if chunk >= rows:
+            y = F.linear(x2, cpu_kernels.dequantize(w.q, w.d, w.m, self.scratch.get(rows, cols)))
+            return y.view(*lead, rows)
+        y = torch.empty(x2.shape[0], rows, dtype=torch.float32)
+        for s in range(0, rows, chunk):  # the LM head: widen a cache-sized slice of rows at a time
+            e = min(rows, s + chunk)
+            part = w.q[s:e], w.d[s:e], None if w.m is None else w.m[s:e]
+            y[:, s:e] = F.linear(x2, cpu_kernels.dequantize(*part, self.scratch.get(e - s, cols)))
+        return y.view(*lead, rows)
 
 
 class BlockQuantLinearMethod(LinearMethod):

@@ -31,6 +31,8 @@ class DecodeBatch:
     block_ids: torch.Tensor  # [B, ceil(max_len / block_size)] int64, padded with block 0
     # [B, 1, 1, max_len] bool, True where a key is inside the request's context; None when all are max_len.
     mask: torch.Tensor | None
+    rows: torch.Tensor  # [B] int64: the flattened row of each decode query (for kernels that take them all)
+    seq_lens: torch.Tensor  # [B] int64: context length of each decode, this token included
 
 
 @dataclass
@@ -106,6 +108,8 @@ class AttentionMetadata:
                 max_len=max_len,
                 block_ids=torch.from_numpy(ids).to(device),
                 mask=mask,
+                rows=torch.from_numpy(tok).to(device),
+                seq_lens=torch.from_numpy(lens).to(device),
             )
 
         prefills = []

@@ -1,7 +1,8 @@
 """Paged attention on ``torch.nn.functional.scaled_dot_product_attention``: the reference backend, the
 one used on CPU, and correct unchanged on CUDA.
 
-Decodes (one query each) are batched: their K/V blocks are gathered from the paged cache into a contiguous
+On CPU in fp32, decodes (one query each) run in one compiled call that reads each request's K/V straight
+from its blocks (``kernels/cpu.paged_decode``). Elsewhere they are batched: their K/V blocks are gathered from the paged cache into a contiguous
 buffer [n, max_len, kv_heads, D] and attended in one SDPA call per chunk of requests. Grouped-query
 attention is done by folding the query heads that share a KV head into SDPA's query-length axis
 (q [n, kv_heads, group, D]); that needs no K/V expansion and is the fastest form on CPU in fp32 and bf16.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.attention.metadata import AttentionMetadata, DecodeBatch
 
 # Gathered K+V bytes per decode chunk on CPU: small enough to stay in the last-level cache until read.
@@ -35,7 +37,11 @@ def paged_sdpa_attention(
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads, head_dim)
     if meta.decode is not None:
-        _decode(q, kv_cache, meta, meta.decode, scale, out)
+        if _use_cpu_kernel(q, kv_cache):
+            d = meta.decode
+            cpu_kernels.paged_decode(q, d.rows, kv_cache, d.block_ids, d.seq_lens, scale, out)
+        else:
+            _decode(q, kv_cache, meta, meta.decode, scale, out)
     for p in meta.prefills:
         qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         if p.block_ids is None:
@@ -47,6 +53,19 @@ def paged_sdpa_attention(
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.token_start : p.token_end] = o[0].transpose(0, 1)  # [q_len, H, D]
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _use_cpu_kernel(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """fp32 on CPU with the compiled kernels: decode straight from the paged cache."""
+    return (
+        q.dtype == torch.float32
+        and q.device.type == "cpu"
+        and q.stride(2) == 1
+        and q.stride(1) == q.shape[2]
+        and kv_cache.dtype == torch.float32
+        and kv_cache.is_contiguous()
+        and cpu_kernels.available()
+    )
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tidellm.platforms import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 BLOCK = 32  # elements per quantization block (both formats)
 
@@ -68,7 +68,7 @@ def library() -> ctypes.CDLL:
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join([cxx, *FLAGS, *sorted(cpu_flags())]).encode())
-    path = cache_root() / "kernels" / f"cpu_quant-{key.hexdigest()[:16]}.so"
+    path = cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not path.exists():
         t0 = time.perf_counter()
         _build(cxx, path)
@@ -83,6 +83,12 @@ def library() -> ctypes.CDLL:
     lib.tide_q4_1_dequant.restype = None
     lib.tide_q8_0_dequant.argtypes = [_ptr, _ptr, _i64, _i64, _ptr]
     lib.tide_q8_0_dequant.restype = None
+    lib.tide_rms_norm.argtypes = [_ptr, _ptr, _ptr, ctypes.c_float, _i64, _i64, _ptr]
+    lib.tide_rms_norm.restype = None
+    lib.tide_paged_decode.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 4 + [
+        ctypes.c_float, _ptr,
+    ]  # fmt: skip
+    lib.tide_paged_decode.restype = None
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 
@@ -127,3 +133,30 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: to
     else:
         lib.tide_q8_0_dequant(q.data_ptr(), d.data_ptr(), n, k, out.data_ptr())
     return out
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 contiguous x [M, H]: ``x += residual`` in place (when given), returns rms_norm(x) * weight."""
+    out = torch.empty_like(x)
+    library().tide_rms_norm(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
+        x.shape[0], x.shape[-1], out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def paged_decode(
+    q: torch.Tensor,  # [T, H, D] fp32, inner two dims contiguous
+    rows: torch.Tensor,  # [B] int64: the token row of each decode query
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D] fp32 contiguous
+    block_table: torch.Tensor,  # [B, max_blocks] int64 contiguous
+    seq_lens: torch.Tensor,  # [B] int64
+    scale: float,
+    out: torch.Tensor,  # [T, H, D] fp32 contiguous; rows ``rows`` are written
+) -> None:
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    library().tide_paged_decode(
+        q.data_ptr(), q.stride(0), rows.data_ptr(), kv_cache.data_ptr(), num_blocks, block_size,
+        block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), rows.shape[0], q.shape[1],
+        num_kv_heads, head_dim, scale, out.data_ptr(),
+    )  # fmt: skip

@@ -10,6 +10,7 @@
 //
 // Plain C ABI (called through ctypes), OpenMP for threads: the process's libgomp is torch's, so this shares
 // torch's thread pool and its set_num_threads.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -143,6 +144,101 @@ void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d
   }
 }
 
+// Widen whole rows back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
+template <class F>
+void dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {
+  const int64_t nb = K / kBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i = n * nb + b;
+      float* o = out + n * K + b * kBlock;
+#ifdef TIDE_AVX2
+      __m256 w[4];
+      F::widen(q + i * F::kBytes, w);
+      const __m256 scale = _mm256_set1_ps(d[i]);
+      const __m256 shift = _mm256_set1_ps(m != nullptr ? m[i] : 0.f);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(w[j], scale), shift));
+#else
+      for (int j = 0; j < kBlock; ++j) o[j] = d[i] * F::code(q + i * F::kBytes, j) + (m != nullptr ? m[i] : 0.f);
+#endif
+    }
+}
+
+// out = rms_norm(x (+ residual)) * w over rows of H; with a residual, x += residual first, in place (x then
+// holds the new residual stream). fp32; the same arithmetic as the reference: x * rsqrt(mean(x^2) + eps) * w.
+void rms_norm(float* x, const float* residual, const float* w, float eps, int64_t M, int64_t H, float* out) {
+#pragma omp parallel for schedule(static) if (M > 32)
+  for (int64_t r = 0; r < M; ++r) {
+    float* xr = x + r * H;
+    if (residual != nullptr) {
+      const float* rr = residual + r * H;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) xr[i] += rr[i];
+    }
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+    float* o = out + r * H;
+#pragma omp simd
+    for (int64_t i = 0; i < H; ++i) o[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// Decode attention straight from the paged cache: one query token per request, reading only the request's
+// blocks (no gathered copy). q row b sits at q + rows[b] * q_stride as [H, D]; out row at out + rows[b] * H * D.
+// kv: [2, num_blocks, block_size, Hkv, D]; block_table [B, max_blocks]; seq_lens [B] (keys 0..len-1).
+void paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const float* kv, int64_t num_blocks,
+                  int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
+                  int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
+  const int64_t G = H / Hkv;
+  const int64_t tok_stride = Hkv * D;
+  const float* vbase = kv + num_blocks * block_size * tok_stride;
+#pragma omp parallel
+  {
+    std::vector<float> scores;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t L = seq_lens[b];
+        scores.resize(G * L);
+        const int64_t* table = block_table + b * max_blocks;
+        const float* qh = q + rows[b] * q_stride + h * G * D;
+        for (int64_t t = 0; t < L; ++t) {
+          const float* k = kv + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qh + g * D;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < D; ++i) s += qg[i] * k[i];
+            scores[g * L + t] = s * scale;
+          }
+        }
+        float* oh = out + rows[b] * H * D + h * G * D;
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = scores.data() + g * L;
+          float mx = sg[0];
+          for (int64_t t = 1; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
+          float sum = 0.f;
+          for (int64_t t = 0; t < L; ++t) {
+            sg[t] = std::exp(sg[t] - mx);
+            sum += sg[t];
+          }
+          const float inv = 1.0f / sum;
+          float* og = oh + g * D;
+          for (int64_t i = 0; i < D; ++i) og[i] = 0.f;
+          for (int64_t t = 0; t < L; ++t) {
+            const float* v = vbase + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
+            const float p = sg[t] * inv;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) og[i] += p * v[i];
+          }
+        }
+      }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -159,32 +255,23 @@ void tide_q8_0_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const
   gemm<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
 }
 
-// Widen whole rows back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
 void tide_q4_1_dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {
-  const int64_t nb = K / kBlock;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* qb = q + (n * nb + b) * 16;
-      const float db = d[n * nb + b], mb = m[n * nb + b];
-      float* o = out + n * K + b * kBlock;
-      for (int j = 0; j < 16; ++j) {
-        o[j] = db * static_cast<float>(qb[j] & 0x0F) + mb;
-        o[j + 16] = db * static_cast<float>(qb[j] >> 4) + mb;
-      }
-    }
+  dequant<Q41>(q, d, m, N, K, out);
 }
 
 void tide_q8_0_dequant(const int8_t* q, const float* d, int64_t N, int64_t K, float* out) {
-  const int64_t nb = K / kBlock;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t b = 0; b < nb; ++b) {
-      const int8_t* qb = q + (n * nb + b) * kBlock;
-      const float db = d[n * nb + b];
-      float* o = out + n * K + b * kBlock;
-      for (int j = 0; j < kBlock; ++j) o[j] = db * static_cast<float>(qb[j]);
-    }
+  dequant<Q80>(reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K, out);
+}
+
+void tide_rms_norm(float* x, const float* residual, const float* w, float eps, int64_t M, int64_t H, float* out) {
+  rms_norm(x, residual, w, eps, M, H, out);
+}
+
+void tide_paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const float* kv, int64_t num_blocks,
+                       int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
+                       int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
+  paged_decode(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, B, H, Hkv, D,
+               scale, out);
 }
 
 int tide_simd_level() {

@@ -1,0 +1,1 @@
+"""Compiled kernels: ``cpu`` builds ``cpu_kernels.cpp`` for this CPU on first use and calls it through ctypes."""
