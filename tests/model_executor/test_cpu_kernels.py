@@ -1,0 +1,132 @@
+"""The compiled CPU kernels against PyTorch references: block matmuls (every row-tile size and the widen +
+BLAS path for large batches), exact GGUF block conversion, re-quantization error bounds, the fused
+add + RMSNorm, and decode attention read straight from the paged cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from tidellm.model_executor.kernels import cpu as cpu_kernels
+from tidellm.model_executor.layers.attention import AttentionMetadata, sdpa_backend
+from tidellm.model_executor.loader.gguf_weights import dequantize
+from tidellm.model_executor.quant import method as quant_method
+from tidellm.model_executor.quant.blocks import QuantizedTensor
+
+Q = GGMLQuantizationType
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
+
+
+def random_gguf_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random but valid raw blocks: random codes, finite fp16 scales (and mins)."""
+    rng = np.random.default_rng(seed)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    n_f16 = 2 if qtype == Q.Q4_1 else 1
+    scales = rng.uniform(-0.05, 0.05, size=(raw.shape[0], n_f16)).astype(np.float16)
+    raw[:, : 2 * n_f16] = scales.view(np.uint8).reshape(raw.shape[0], 2 * n_f16)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_blocks_convert_without_changing_values(qtype: GGMLQuantizationType) -> None:
+    raw = random_gguf_blocks(qtype, 12, 96)
+    qt = QuantizedTensor.from_gguf(raw, qtype, (12, 96))
+    ref = dequantize(raw, qtype, (12, 96))
+    if qtype == Q.Q4_0:  # d * (q - 8) vs d * q + (-8 d): equal up to one rounding
+        torch.testing.assert_close(qt.dequantize(), ref, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(qt.dequantize(), ref)
+    # the widening kernel gives the same numbers as the torch reference
+    out = torch.empty(12, 96)
+    assert torch.equal(cpu_kernels.dequantize(qt.q, qt.d, qt.m, out), qt.dequantize())
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 33, 70])
+def test_block_matmul_matches_dense(fmt: str, rows: int) -> None:
+    torch.manual_seed(rows)
+    w = torch.randn(50, 96)
+    qt = QuantizedTensor.quantize(w, fmt)
+    x = torch.randn(rows, 96)
+    ref = x @ qt.dequantize().T  # the dense product of exactly the stored weights
+    block = quant_method.BlockQuantMethod(fmt, quant_method.DenseScratch())
+    got = block.matmul(x, qt)  # kernel up to MAX_KERNEL_ROWS rows, widen + BLAS above
+    assert got.shape == (rows, 50)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    # the raw kernel too, whatever the batch size (the LM head at 64 rows uses it directly)
+    torch.testing.assert_close(cpu_kernels.matmul(x, qt.q, qt.d, qt.m), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_widen_path_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix bigger than the scratch slice (the LM head) is widened a slice of rows at a time."""
+    monkeypatch.setattr(quant_method, "SCRATCH_FLOATS", 96 * 7)  # 7 rows per slice: 50 rows -> 8 slices
+    qt = QuantizedTensor.quantize(torch.randn(50, 96), "q8_0")
+    x = torch.randn(40, 96)
+    got = quant_method.BlockQuantMethod("q8_0", quant_method.DenseScratch()).matmul(x, qt)
+    torch.testing.assert_close(got, x @ qt.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,levels", [("q8_0", 127), ("q4_1", 15)])
+def test_quantize_error_is_half_a_step(fmt: str, levels: int) -> None:
+    w = torch.randn(64, 128) * torch.linspace(0.01, 3, 128)
+    qt = QuantizedTensor.quantize(w, fmt)
+    blocks = w.view(64, 4, 32)
+    span = blocks.abs().amax(-1) if fmt == "q8_0" else blocks.amax(-1) - blocks.amin(-1)
+    step = span / levels  # the block's scale d
+    err = (qt.dequantize() - w).abs().view(64, 4, 32).amax(-1)
+    assert torch.all(err <= step / 2 * 1.001 + 1e-7)
+    # a constant block (d = 0) round-trips exactly
+    const = QuantizedTensor.quantize(torch.full((2, 32), 0.5), fmt).dequantize()
+    assert torch.allclose(const, torch.full((2, 32), 0.5), atol=0 if fmt == "q4_1" else 0.5 / 127)
+
+
+def test_rows_and_copy_rows() -> None:
+    qt = QuantizedTensor.quantize(torch.randn(6, 64), "q4_1")
+    perm = torch.tensor([5, 0, 3, 1, 2, 4])
+    assert torch.equal(qt.rows(perm).dequantize(), qt.dequantize()[perm])
+    merged = QuantizedTensor.empty("q4_1", 10, 64)
+    merged.copy_rows_(4, qt)
+    assert torch.equal(merged.rows(torch.arange(4, 10)).dequantize(), qt.dequantize())
+    with pytest.raises(ValueError, match="cannot copy a q8_0"):
+        merged.copy_rows_(0, QuantizedTensor.quantize(torch.randn(2, 64), "q8_0"))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_rms_norm_kernel(rows: int) -> None:
+    x, res, w = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
+    ref_sum = x + res
+    ref = F.rms_norm(ref_sum, (576,), w, 1e-5)
+    out = cpu_kernels.rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(x, ref_sum)  # the residual sum is left in x
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, None, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
+
+
+def test_paged_decode_matches_gathered_sdpa() -> None:
+    """Decodes of different lengths, interleaved with a prefill chunk, from scattered blocks."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, bs, num_blocks = 6, 2, 16, 4, 40
+    kv = torch.randn(2, num_blocks, bs, kv_heads, dim)
+    seq_lens = np.array([9, 5, 13, 1])  # request 1 is a 3-token prefill chunk (prefix 2)
+    q_lens = np.array([1, 3, 1, 1])
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    perm = np.random.default_rng(0).permutation(num_blocks)
+    table = perm[:16].reshape(4, 4)
+    slots = [int(table[r, p // bs]) * bs + p % bs for r in range(4) for p in range(seq_lens[r] - q_lens[r], seq_lens[r])]
+    meta = AttentionMetadata.build(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
+        block_size=bs, device=torch.device("cpu"),
+    )  # fmt: skip
+    q = torch.randn(int(qsl[-1]), heads + kv_heads, dim)[:, :heads]  # a strided view, like the model's
+    d = meta.decode
+    out = torch.zeros(int(qsl[-1]), heads, dim)
+    cpu_kernels.paged_decode(q, d.rows, kv, d.block_ids, d.seq_lens, 0.25, out)
+    ref = torch.zeros_like(out)
+    sdpa_backend._decode(q, kv, meta, d, 0.25, ref)
+    rows = d.rows.tolist()
+    assert rows == [0, 4, 5]
+    torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)

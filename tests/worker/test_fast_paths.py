@@ -1,0 +1,60 @@
+"""CI-sized performance smoke test: not timed, it checks that serving the default model takes the fast CPU
+paths -- GGUF blocks through the compiled matmul kernel, the fused RMSNorm, decode attention straight from
+the paged cache -- and that none of the slow fallbacks runs. A missing compiler or a silently changed
+dispatch rule fails here instead of showing up weeks later as a slower benchmark."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch.nn.functional as F
+
+from tidellm import SamplingParams
+from tidellm.model_executor.kernels import cpu as cpu_kernels
+from tidellm.model_executor.layers.attention import sdpa_backend
+from tidellm.model_executor.layers.linear import Linear
+from tidellm.model_executor.quant.method import BlockQuantLinearMethod
+
+
+def test_default_model_runs_on_the_fast_cpu_paths(llm_fp32, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_kernels.available(), "the CPU kernels must build on CI machines (is a C++ compiler installed?)"
+    runner = llm_fp32.engine.core.runner
+    model = runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * model.arch.num_hidden_layers
+    assert all(isinstance(m.linear_method, BlockQuantLinearMethod) for m in linears)
+    assert {m.qweight.fmt for m in linears} == {"q4_1"}  # the file's Q4_1, not widened
+    embed = model.model.embed_tokens
+    assert model.lm_head.source is embed and embed.qweight.fmt == "q8_0"
+    assert runner.load_report.weight_bytes < 130e6  # vs 538 MB as dense fp32
+
+    calls: Counter[str] = Counter()
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("matmul", "rms_norm", "paged_decode", "dequantize"):
+        monkeypatch.setattr(cpu_kernels, name, count(name, getattr(cpu_kernels, name)))
+    monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
+    monkeypatch.setattr(F, "rms_norm", count("slow_rms_norm", F.rms_norm))
+    monkeypatch.setattr(F, "linear", count("linear", F.linear))
+
+    out = llm_fp32.generate(
+        ["The capital of France is", "def add(a, b):"],
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+    layers = model.arch.num_hidden_layers
+    decode_steps = 5  # the first token comes from the prefill step
+    assert calls["paged_decode"] == decode_steps * layers
+    assert calls["rms_norm"] == (decode_steps + 1) * (2 * layers + 1)
+    # prompts are a few tokens: every matmul (and the LM head) goes through the block kernel
+    assert calls["matmul"] == (decode_steps + 1) * (4 * layers + 1)
+    for slow in ("slow_decode", "slow_rms_norm", "linear", "dequantize"):
+        assert calls[slow] == 0, f"fell back to {slow}"
