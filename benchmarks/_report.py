@@ -80,6 +80,9 @@ def model_facts(gguf_path: Path) -> dict[str, Any]:
 def weight_bytes_per_step(facts: dict[str, Any], storage: str) -> int:
     if storage == "gguf":
         return int(facts["gguf_bytes_per_step"])
+    if storage == "blocks":  # tidellm's blocks of 32: Q4_1 16 B codes + 8 B scales, Q8_0 32 + 4 B
+        body = facts["params_body_matmul"] * 24 / 32
+        return int(body + facts["params_lm_head"] * 36 / 32 + facts["params_norms"] * 4)
     n = facts["params_body_matmul"] + facts["params_norms"] + facts["params_lm_head"]
     return int(n * DTYPE_BYTES[storage])
 

@@ -224,8 +224,12 @@ def wait_for_quiet(args: argparse.Namespace, label: str) -> None:
 def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
     """What the engine computes in and reads per step: the inputs of MFU and MBU."""
     if engine == "tidellm":
-        dtype = _tidellm_dtype(s.extra.get("tidellm", []))
-        return {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
+        extra = s.extra.get("tidellm", [])
+        dtype = _tidellm_dtype(extra)
+        profile = {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
+        if _flag(extra, "--quantization", "auto") == "auto":  # the GGUF's Q4_1 / Q8_0 blocks, fp32 scales
+            profile.update(weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)")
+        return profile
     if engine == "vllm":
         return {"compute_dtype": s.vllm_dtype, "weight_storage": s.vllm_dtype, "kv_dtype": s.vllm_dtype}
     # llama.cpp: Q4_1 weights × Q8 activations in integer dot products; fp32 peak as the reference; f16 KV.
@@ -244,13 +248,18 @@ def _tidellm_dtype(extra: list[str]) -> str:
 
     from tidellm.platforms import resolve_dtype
 
-    name = "auto"
+    return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device("cpu"))).removeprefix("torch.")
+
+
+def _flag(extra: list[str], flag: str, default: str) -> str:
+    """The value of ``flag`` in a command line (``--flag v`` or ``--flag=v``), else ``default``."""
+    value = default
     for i, a in enumerate(extra):
-        if a == "--dtype" and i + 1 < len(extra):
-            name = extra[i + 1]
-        elif a.startswith("--dtype="):
-            name = a.split("=", 1)[1]
-    return str(resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.")
+        if a == flag and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def build_server(
