@@ -65,8 +65,8 @@ class ModelRunner:
         self.model.load_weights(source.iter_weights(frozenset(keep_blocks)))
         self.model.eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        weight_bytes += sum(m.qweight.nbytes for m in self.model.modules() if getattr(m, "qweight", None) is not None)
-        self.num_block_layers = sum(1 for m in self.model.modules() if getattr(m, "qweight", None) is not None)
+        blocks = [m.qweight for m in self.model.modules() if getattr(m, "qweight", None) is not None]
+        weight_bytes += sum(b.nbytes for b in blocks)
         self.kv_plan = plan_kv_cache(config, self.arch, dtype, device)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_caches = self.kv_plan.allocate()

@@ -136,11 +136,12 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: to
 
 
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """fp32 contiguous x [M, H]: ``x += residual`` in place (when given), returns rms_norm(x) * weight."""
+    """fp32 contiguous x [..., H]: ``x += residual`` in place (when given), returns rms_norm(x) * weight."""
     out = torch.empty_like(x)
+    hidden = x.shape[-1]
     library().tide_rms_norm(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
-        x.shape[0], x.shape[-1], out.data_ptr(),
+        x.numel() // hidden, hidden, out.data_ptr(),
     )  # fmt: skip
     return out
 

@@ -1,18 +1,18 @@
-// Weight-only quantized matmuls for CPUs: y[M, N] = x[M, K] . W[N, K]^T with W kept in 32-element blocks
-// (the layouts of GGUF's Q4_1 and Q8_0, with fp32 scales). Activations stay fp32: a block's integer codes
-// are widened to fp32 once and multiplied with up to eight input rows, so weights stream from memory at
-// 4.5 (Q4_1) or 8.5 (Q8_0) bits each instead of 32 -- decode on CPUs is bound by that stream.
+// CPU kernels behind tidellm's fp32 CPU path, called through ctypes (plain C ABI).
 //
-// Q4_1 block b of row n: value[j] = d[n,b] * q[j] + m[n,b], q in 0..15; byte j of the 16 code bytes holds
-// element j in its low nibble and element j + 16 in its high nibble (ggml's order).
-// Q8_0 block b of row n: value[j] = d[n,b] * q[j], q int8.
-// We compute sum_j value[j] * x[j] as d * sum_j q[j] x[j] + m * sum_j x[j] (block sums of x precomputed).
+// Weight-only quantized matmuls: y[M, N] = x[M, K] . W[N, K]^T with W kept in blocks of 32 along K, in
+// GGUF's Q4_1 and Q8_0 layouts with the scales widened to fp32. Decode on CPUs is bound by streaming the
+// weights, and these are 6 (Q4_1) or 9 (Q8_0) bits a weight instead of 32. Activations stay fp32: each block
+// is widened once to fp32 weights (value = d * q + m) and multiplied with a tile of up to eight input rows.
+//   Q4_1 block: value[j] = d * q[j] + m, q in 0..15; byte j of the 16 code bytes holds element j in its
+//   low nibble and element j + 16 in its high nibble (ggml's order).
+//   Q8_0 block: value[j] = d * q[j], q int8.
+// Also: a fused residual add + RMSNorm, and decode attention read in place from the paged KV cache.
 //
-// Plain C ABI (called through ctypes), OpenMP for threads: the process's libgomp is torch's, so this shares
-// torch's thread pool and its set_num_threads.
+// Threads: OpenMP. The process's libgomp is torch's (loaded first), so these share torch's thread pool and
+// follow torch.set_num_threads.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -23,18 +23,12 @@
 namespace {
 
 constexpr int kBlock = 32;
-constexpr int kMaxRows = 8;  // input rows per pass over a weight row (accumulators in registers)
-
-#ifdef TIDE_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+constexpr int kMaxRows = 8;  // input rows per pass over a weight block (their accumulators stay in registers)
 
 struct Q41 {
   static constexpr int kBytes = 16;
+  static inline float code(const uint8_t* p, int j) { return j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4); }
+#ifdef TIDE_AVX2
   static inline void widen(const uint8_t* p, __m256 w[4]) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -45,106 +39,218 @@ struct Q41 {
     w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
     w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
   }
+  // The 32 codes as int16: elements 0-15 and 16-31.
+  static inline void widen16(const uint8_t* p, __m256i* lo, __m256i* hi) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+    *hi = _mm256_srli_epi16(v, 4);
+  }
+#endif
 };
 
 struct Q80 {
   static constexpr int kBytes = 32;
+  static inline float code(const uint8_t* p, int j) { return static_cast<int8_t>(p[j]); }
+#ifdef TIDE_AVX2
   static inline void widen(const uint8_t* p, __m256 w[4]) {
     for (int i = 0; i < 4; ++i) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i));
       w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
     }
   }
+  static inline void widen16(const uint8_t* p, __m256i* lo, __m256i* hi) {
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+  }
+#endif
 };
 
-// One weight row against ROWS input rows: out[r * ldo] = sum_b d_b * (q_b . x_rb) (+ min terms by caller).
-template <class F, int ROWS>
-inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, float* res) {
-  __m256 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256 w[4];
-    F::widen(q + b * F::kBytes, w);
-    const __m256 scale = _mm256_broadcast_ss(d + b);
-    for (int r = 0; r < ROWS; ++r) {
-      const float* xp = x + r * ldx + b * kBlock;
-      __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
-      __m256 s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xp + 8));
-      s0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp + 16), s0);
-      s1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp + 24), s1);
-      acc[r] = _mm256_fmadd_ps(scale, _mm256_add_ps(s0, s1), acc[r]);
+#ifdef TIDE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One weight row (nb blocks; m is null for Q8_0) against ROWS input rows: res[r] = W_n . x_r. The block is
+// widened once (w = d * q + m), then each input row costs four FMAs. A row's FMAs chain through its
+// accumulator, so with few rows each row gets A accumulators to keep both FMA pipes busy.
+template <class F>
+inline void widen_block(const uint8_t* q, const float* d, const float* m, int64_t b, __m256 w[4]) {
+  F::widen(q + b * F::kBytes, w);
+  const __m256 scale = _mm256_broadcast_ss(d + b);
+  if (m != nullptr) {
+    const __m256 shift = _mm256_broadcast_ss(m + b);
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], scale, shift);
+  } else {
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_mul_ps(w[i], scale);
+  }
+}
+
+// One input row (decode of a single sequence): two blocks per iteration into separate accumulators, so
+// consecutive blocks never wait on each other's FMAs.
+template <class F>
+inline void row_dot1(const float* x, int64_t nb, const uint8_t* q, const float* d, const float* m, float* res) {
+  __m256 acc0[4], acc1[4];
+  for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m256 w0[4], w1[4];
+    widen_block<F>(q, d, m, b, w0);
+    widen_block<F>(q, d, m, b + 1, w1);
+    for (int i = 0; i < 4; ++i) {
+      acc0[i] = _mm256_fmadd_ps(w0[i], _mm256_loadu_ps(x + b * kBlock + 8 * i), acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(w1[i], _mm256_loadu_ps(x + (b + 1) * kBlock + 8 * i), acc1[i]);
     }
   }
-  for (int r = 0; r < ROWS; ++r) res[r] = hsum(acc[r]);
+  if (b < nb) {
+    __m256 w0[4];
+    widen_block<F>(q, d, m, b, w0);
+    for (int i = 0; i < 4; ++i) acc0[i] = _mm256_fmadd_ps(w0[i], _mm256_loadu_ps(x + b * kBlock + 8 * i), acc0[i]);
+  }
+  for (int i = 0; i < 4; ++i) acc0[i] = _mm256_add_ps(acc0[i], acc1[i]);
+  *res = hsum(_mm256_add_ps(_mm256_add_ps(acc0[0], acc0[1]), _mm256_add_ps(acc0[2], acc0[3])));
+}
+
+template <class F, int ROWS>
+inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, const float* m,
+                    float* res) {
+  if constexpr (ROWS == 1) {
+    row_dot1<F>(x, nb, q, d, m, res);
+    return;
+  }
+  constexpr int A = ROWS == 2 ? 4 : (ROWS <= 4 ? 2 : 1);
+  __m256 acc[ROWS][A];
+  for (int r = 0; r < ROWS; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 w[4];
+    widen_block<F>(q, d, m, b, w);
+    for (int r = 0; r < ROWS; ++r) {
+      const float* xp = x + r * ldx + b * kBlock;
+      for (int i = 0; i < 4; ++i) acc[r][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + 8 * i), acc[r][i % A]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int a = 1; a < A; ++a) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
+    res[r] = hsum(acc[r][0]);
+  }
 }
 #else
-struct Q41 {
-  static constexpr int kBytes = 16;
-  static inline float code(const uint8_t* p, int j) { return j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4); }
-};
-struct Q80 {
-  static constexpr int kBytes = 32;
-  static inline float code(const uint8_t* p, int j) { return static_cast<int8_t>(p[j]); }
-};
 template <class F, int ROWS>
-inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, float* res) {
+inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, const float* d, const float* m,
+                    float* res) {
   for (int r = 0; r < ROWS; ++r) {
     float acc = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      float s = 0.f;
-      for (int j = 0; j < kBlock; ++j) s += F::code(q + b * F::kBytes, j) * x[r * ldx + b * kBlock + j];
-      acc += d[b] * s;
-    }
+    for (int64_t b = 0; b < nb; ++b)
+      for (int j = 0; j < kBlock; ++j)
+        acc += (d[b] * F::code(q + b * F::kBytes, j) + (m != nullptr ? m[b] : 0.f)) * x[r * ldx + b * kBlock + j];
     res[r] = acc;
   }
 }
 #endif
 
+#ifdef TIDE_AVX2
+// One input row (single-sequence decode), where widening each weight to fp32 is most of the work: the row
+// is rounded once to int16 per block of 32 (scale = max|x| / 32767, a relative error of ~2e-5, far below
+// fp32 parity tolerances), and each block is two integer multiply-adds (codes x int16 -> int32) and one fp32
+// FMA. Q4_1's minimum enters as m * sum(x) with the block sums of the unrounded row.
 template <class F>
-using RowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, float*);
-
-template <class F>
-void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* mins, int64_t N,
-          float* out) {
+void gemv16(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t N, float* out) {
   const int64_t nb = K / kBlock;
-  static const RowFn<F> kernels[kMaxRows + 1] = {nullptr,          row_dot<F, 1>, row_dot<F, 2>, row_dot<F, 3>,
-                                                 row_dot<F, 4>,    row_dot<F, 5>, row_dot<F, 6>, row_dot<F, 7>,
-                                                 row_dot<F, 8>};
-  // Block sums of x, for the min terms of Q4_1.
-  std::vector<float> xsum;
-  if (mins != nullptr) {
-    xsum.resize(M * nb);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t b = 0; b < nb; ++b) {
-        float s = 0.f;
-        for (int j = 0; j < kBlock; ++j) s += x[r * K + b * kBlock + j];
-        xsum[r * nb + b] = s;
-      }
+  std::vector<int16_t> xq(K);
+  std::vector<float> xscale(nb), xsum(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kBlock;
+    float mx = 0.f, s = 0.f;
+    for (int j = 0; j < kBlock; ++j) {
+      mx = std::fmax(mx, std::fabs(xb[j]));
+      s += xb[j];
+    }
+    const float sc = mx / 32767.f, inv = mx > 0.f ? 32767.f / mx : 0.f;
+    for (int j = 0; j < kBlock; ++j) xq[b * kBlock + j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
+    xscale[b] = sc;
+    xsum[b] = s;
   }
   const int64_t row_bytes = nb * F::kBytes;
-  // Output rows in chunks that keep every thread busy but amortize the scheduling.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel
+  {
+    std::vector<float> scale(nb);  // d * x scale per block of the current row, broadcast from memory
+#pragma omp for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* qn = q + n * row_bytes;
     const float* dn = d + n * nb;
-    float res[kMaxRows];
-    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
-      const int rows = static_cast<int>(M - r0 < kMaxRows ? M - r0 : kMaxRows);
-      kernels[rows](x + r0 * K, K, nb, qn, dn, res);
-      for (int r = 0; r < rows; ++r) {
-        float v = res[r];
-        if (mins != nullptr) {
-          const float* mn = mins + n * nb;
-          const float* xs = xsum.data() + (r0 + r) * nb;
-          for (int64_t b = 0; b < nb; ++b) v += mn[b] * xs[b];
-        }
-        out[(r0 + r) * N + n] = v;
-      }
+#pragma omp simd
+    for (int64_t b = 0; b < nb; ++b) scale[b] = dn[b] * xscale[b];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      __m256i lo0, hi0, lo1, hi1;
+      F::widen16(qn + b * F::kBytes, &lo0, &hi0);
+      F::widen16(qn + (b + 1) * F::kBytes, &lo1, &hi1);
+      const __m256i* xb = reinterpret_cast<const __m256i*>(xq.data() + b * kBlock);
+      const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(lo0, _mm256_loadu_si256(xb)),
+                                          _mm256_madd_epi16(hi0, _mm256_loadu_si256(xb + 1)));
+      const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, _mm256_loadu_si256(xb + 2)),
+                                          _mm256_madd_epi16(hi1, _mm256_loadu_si256(xb + 3)));
+      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b]), _mm256_cvtepi32_ps(p0), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
     }
+    if (b < nb) {
+      __m256i lo, hi;
+      F::widen16(qn + b * F::kBytes, &lo, &hi);
+      const __m256i* xb = reinterpret_cast<const __m256i*>(xq.data() + b * kBlock);
+      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xb)),
+                                         _mm256_madd_epi16(hi, _mm256_loadu_si256(xb + 1)));
+      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b]), _mm256_cvtepi32_ps(p), acc0);
+    }
+    float v = hsum(_mm256_add_ps(acc0, acc1));
+    if (m != nullptr) {
+      const float* mn = m + n * nb;
+      float mt = 0.f;
+#pragma omp simd reduction(+ : mt)
+      for (int64_t b = 0; b < nb; ++b) mt += mn[b] * xsum[b];
+      v += mt;
+    }
+    out[n] = v;
+  }
   }
 }
+#endif
 
-// Widen whole rows back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
+template <class F>
+using RowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, float*);
+
+template <class F>
+void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t N,
+          float* out) {
+  static const RowFn<F> kernels[kMaxRows + 1] = {nullptr,       row_dot<F, 1>, row_dot<F, 2>,
+                                                 row_dot<F, 3>, row_dot<F, 4>, row_dot<F, 5>,
+                                                 row_dot<F, 6>, row_dot<F, 7>, row_dot<F, 8>};
+#ifdef TIDE_AVX2
+  if (M == 1) return gemv16<F>(x, K, q, d, m, N, out);
+#endif
+  const int64_t nb = K / kBlock;
+  const int64_t row_bytes = nb * F::kBytes;
+  // Each thread takes chunks of weight rows; within a chunk the tile of input rows is the outer loop, so it
+  // stays in L1 while the chunk's blocks pass under it (the other order re-reads all of x from L2 for every
+  // weight row, which bound the kernel at larger batches).
+  const int64_t chunk = 16;
+#pragma omp parallel for schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += chunk)
+    for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+      const int rows = static_cast<int>(M - r0 < kMaxRows ? M - r0 : kMaxRows);
+      const int64_t n1 = n0 + chunk < N ? n0 + chunk : N;
+      for (int64_t n = n0; n < n1; ++n) {
+        float res[kMaxRows];
+        kernels[rows](x + r0 * K, K, nb, q + n * row_bytes, d + n * nb, m != nullptr ? m + n * nb : nullptr, res);
+        for (int r = 0; r < rows; ++r) out[(r0 + r) * N + n] = res[r];
+      }
+    }
+}
+
+// Whole rows widened back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
 template <class F>
 void dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {
   const int64_t nb = K / kBlock;

@@ -44,12 +44,17 @@ class LinearMethod:
     def load(self, layer: nn.Module, param: nn.Parameter, loaded, rows: tuple[int, int] | None) -> None:
         """Store checkpoint tensor ``loaded`` (a dense tensor, or a ``QuantizedTensor`` straight from a GGUF
         file) as the weight's rows ``rows = (offset, size)``, or as all of it when ``rows`` is None."""
-        if not isinstance(loaded, torch.Tensor):
-            loaded = loaded.dequantize()
-        target = param.data if rows is None else param.data.narrow(0, *rows)
-        if tuple(loaded.shape) != tuple(target.shape):
-            raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(target.shape)}")
-        target.copy_(loaded)
+        load_dense(param, loaded, rows)
+
+
+def load_dense(param: nn.Parameter, loaded, rows: tuple[int, int] | None) -> None:
+    """Copy (and cast) ``loaded`` into ``param`` or its rows ``(offset, size)``, widening blocks first."""
+    if not isinstance(loaded, torch.Tensor):
+        loaded = loaded.dequantize()
+    target = param.data if rows is None else param.data.narrow(0, *rows)
+    if tuple(loaded.shape) != tuple(target.shape):
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(target.shape)}")
+    target.copy_(loaded)
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -113,7 +118,7 @@ class Linear(nn.Module):
             rows = self.shard_offsets[shard_id]
         try:
             if param is self.bias:
-                LinearMethod.load(self.linear_method, self, param, loaded, rows)
+                load_dense(param, loaded, rows)
             else:
                 self.linear_method.load(self, param, loaded, rows)
         except ValueError as e:

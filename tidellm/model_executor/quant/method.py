@@ -24,10 +24,11 @@ from tidellm.model_executor.quant.blocks import BLOCK, EXACT_GGUF_FORMATS, FORMA
 logger = logging.getLogger(__name__)
 
 QUANTIZATION_CHOICES = ("auto", "none", *FORMATS)
-# Batches up to this many rows run through the block kernel, which reads each weight once and is
-# memory-bound; larger ones widen the weight into a shared scratch buffer and use the BLAS GEMM, which
-# wins once the matmul is compute-bound (crossover measured between 32 and 64 rows on a 2-core AVX2 machine).
-MAX_KERNEL_ROWS = 32
+# Batches up to this many rows run through the block kernel; larger ones widen the weight into a shared
+# scratch buffer and use the BLAS GEMM, which wins once the matmul is compute-bound. Crossovers measured on
+# the model's own layers on a 2-core AVX2 machine: ~56 rows for Q4_1 (whose widening costs more), above 128
+# for the Q8_0 LM head.
+MAX_KERNEL_ROWS = {"q4_1": 48, "q8_0": 128}
 # Largest widened slice (fp32 elements): 8 MiB, so it is still in the last-level cache when the GEMM reads it.
 SCRATCH_FLOATS = 2 * 2**20
 
@@ -74,7 +75,7 @@ class BlockQuantMethod:
         """x [..., K] -> x W^T [..., N] in fp32."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-        if x2.shape[0] <= MAX_KERNEL_ROWS:
+        if x2.shape[0] <= MAX_KERNEL_ROWS[w.fmt]:
             return cpu_kernels.matmul(x2, w.q, w.d, w.m).view(*lead, w.shape[0])
         rows, cols = w.shape
         chunk = max(1, SCRATCH_FLOATS // cols)
