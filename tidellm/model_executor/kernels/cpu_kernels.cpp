@@ -39,12 +39,6 @@ struct Q41 {
     w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
     w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
   }
-  // The 32 codes as int16: elements 0-15 and 16-31.
-  static inline void widen16(const uint8_t* p, __m256i* lo, __m256i* hi) {
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    *lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
-    *hi = _mm256_srli_epi16(v, 4);
-  }
 #endif
 };
 
@@ -57,10 +51,6 @@ struct Q80 {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i));
       w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
     }
-  }
-  static inline void widen16(const uint8_t* p, __m256i* lo, __m256i* hi) {
-    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
   }
 #endif
 };
@@ -151,74 +141,6 @@ inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, c
 }
 #endif
 
-#ifdef TIDE_AVX2
-// One input row (single-sequence decode), where widening each weight to fp32 is most of the work: the row
-// is rounded once to int16 per block of 32 (scale = max|x| / 32767, a relative error of ~2e-5, far below
-// fp32 parity tolerances), and each block is two integer multiply-adds (codes x int16 -> int32) and one fp32
-// FMA. Q4_1's minimum enters as m * sum(x) with the block sums of the unrounded row.
-template <class F>
-void gemv16(const float* x, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t N, float* out) {
-  const int64_t nb = K / kBlock;
-  std::vector<int16_t> xq(K);
-  std::vector<float> xscale(nb), xsum(nb);
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* xb = x + b * kBlock;
-    float mx = 0.f, s = 0.f;
-    for (int j = 0; j < kBlock; ++j) {
-      mx = std::fmax(mx, std::fabs(xb[j]));
-      s += xb[j];
-    }
-    const float sc = mx / 32767.f, inv = mx > 0.f ? 32767.f / mx : 0.f;
-    for (int j = 0; j < kBlock; ++j) xq[b * kBlock + j] = static_cast<int16_t>(std::lrintf(xb[j] * inv));
-    xscale[b] = sc;
-    xsum[b] = s;
-  }
-  const int64_t row_bytes = nb * F::kBytes;
-#pragma omp parallel
-  {
-    std::vector<float> scale(nb);  // d * x scale per block of the current row, broadcast from memory
-#pragma omp for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* qn = q + n * row_bytes;
-    const float* dn = d + n * nb;
-#pragma omp simd
-    for (int64_t b = 0; b < nb; ++b) scale[b] = dn[b] * xscale[b];
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      __m256i lo0, hi0, lo1, hi1;
-      F::widen16(qn + b * F::kBytes, &lo0, &hi0);
-      F::widen16(qn + (b + 1) * F::kBytes, &lo1, &hi1);
-      const __m256i* xb = reinterpret_cast<const __m256i*>(xq.data() + b * kBlock);
-      const __m256i p0 = _mm256_add_epi32(_mm256_madd_epi16(lo0, _mm256_loadu_si256(xb)),
-                                          _mm256_madd_epi16(hi0, _mm256_loadu_si256(xb + 1)));
-      const __m256i p1 = _mm256_add_epi32(_mm256_madd_epi16(lo1, _mm256_loadu_si256(xb + 2)),
-                                          _mm256_madd_epi16(hi1, _mm256_loadu_si256(xb + 3)));
-      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b]), _mm256_cvtepi32_ps(p0), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b + 1]), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    if (b < nb) {
-      __m256i lo, hi;
-      F::widen16(qn + b * F::kBytes, &lo, &hi);
-      const __m256i* xb = reinterpret_cast<const __m256i*>(xq.data() + b * kBlock);
-      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xb)),
-                                         _mm256_madd_epi16(hi, _mm256_loadu_si256(xb + 1)));
-      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&scale[b]), _mm256_cvtepi32_ps(p), acc0);
-    }
-    float v = hsum(_mm256_add_ps(acc0, acc1));
-    if (m != nullptr) {
-      const float* mn = m + n * nb;
-      float mt = 0.f;
-#pragma omp simd reduction(+ : mt)
-      for (int64_t b = 0; b < nb; ++b) mt += mn[b] * xsum[b];
-      v += mt;
-    }
-    out[n] = v;
-  }
-  }
-}
-#endif
-
 template <class F>
 using RowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, float*);
 
@@ -228,9 +150,6 @@ void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d
   static const RowFn<F> kernels[kMaxRows + 1] = {nullptr,       row_dot<F, 1>, row_dot<F, 2>,
                                                  row_dot<F, 3>, row_dot<F, 4>, row_dot<F, 5>,
                                                  row_dot<F, 6>, row_dot<F, 7>, row_dot<F, 8>};
-#ifdef TIDE_AVX2
-  if (M == 1) return gemv16<F>(x, K, q, d, m, N, out);
-#endif
   const int64_t nb = K / kBlock;
   const int64_t row_bytes = nb * F::kBytes;
   // Each thread takes chunks of weight rows; within a chunk the tile of input rows is the outer loop, so it
