@@ -220,7 +220,11 @@ void paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const f
   const int64_t G = H / Hkv;
   const int64_t tok_stride = Hkv * D;
   const float* vbase = kv + num_blocks * block_size * tok_stride;
-#pragma omp parallel
+  // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
+  // when the API process or a client holds a core, so small batches stay on this thread.
+  int64_t keys = 0;
+  for (int64_t b = 0; b < B; ++b) keys += seq_lens[b];
+#pragma omp parallel if (keys * Hkv > 4096)
   {
     std::vector<float> scores;
 #pragma omp for collapse(2) schedule(static)
