@@ -1,5 +1,7 @@
-"""Quality cost of each --quantization setting: perplexity of a fixed text and the drift of every token's
-logprob against the dense fp32 model (--quantization none), from the engine's own prompt logprobs.
+"""Quality cost of each --quantization setting against the dense fp32 model (--quantization none):
+perplexity of a fixed text and the drift of every token's logprob (prompt logprobs: the batched prefill
+path), and greedy decoding of 64 tokens (the one-row decode path): how many tokens agree before the first
+difference, and the drift of the sampled tokens' logprobs while they agree.
 
     .venv/bin/python benchmarks/quant_quality.py [--model smollm2-135m] [--out benchmarks/results/quant-quality.json]
 """
@@ -30,12 +32,21 @@ TEXT = (
 )
 
 
-def prompt_logprobs(model: str, quantization: str) -> tuple[list[float], float]:
+DECODE_PROMPTS = ["The three most important inventions of the last century are", "def quicksort(items):"]
+
+
+def run(model: str, quantization: str) -> tuple[list[float], list[tuple[list[int], list[float]]], float]:
+    """(prompt logprobs of TEXT, [(greedy tokens, their logprobs)] per decode prompt, load seconds)."""
     from tidellm import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model, dtype="float32", quantization=quantization, kv_cache_memory_gb=0.5, max_model_len=2048)
     load_s = time.perf_counter() - t0
+    greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=0)
+    decoded = []
+    for o in llm.generate(DECODE_PROMPTS, greedy, use_tqdm=False):
+        toks = o.outputs[0].token_ids
+        decoded.append((toks, [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]))
     out = llm.generate([TEXT], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
     ids = out.prompt_token_ids
     lps = []
@@ -43,8 +54,8 @@ def prompt_logprobs(model: str, quantization: str) -> tuple[list[float], float]:
         if entry is None:
             continue
         lp = entry[ids[pos]]
-        lps.append(lp.logprob if hasattr(lp, "logprob") else float(lp))
-    return lps, load_s
+        lps.append(lp.logprob)
+    return lps, decoded, load_s
 
 
 def main() -> None:
@@ -54,22 +65,31 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     results = {}
-    base = None
+    base = base_dec = None
     for method in args.methods.split(","):
-        lps, load_s = prompt_logprobs(args.model, method)
-        base = base if base is not None else lps
+        lps, decoded, load_s = run(args.model, method)
+        if base is None:
+            base, base_dec = lps, decoded
         drift = [abs(a - b) for a, b in zip(lps, base)]
+        agree, dec_drift = [], []
+        for (toks, tlps), (btoks, blps) in zip(decoded, base_dec):
+            n = next((i for i, (a, b) in enumerate(zip(toks, btoks)) if a != b), len(toks))
+            agree.append(n)
+            dec_drift += [abs(a - b) for a, b in zip(tlps[:n], blps[:n])]
         results[method] = {
             "tokens": len(lps),
             "perplexity": math.exp(-sum(lps) / len(lps)),
             "mean_abs_logprob_drift": sum(drift) / len(drift),
             "max_abs_logprob_drift": max(drift),
+            "greedy_tokens_agreeing": agree,
+            "greedy_max_abs_logprob_drift": max(dec_drift, default=0.0),
             "load_s": round(load_s, 2),
         }
         r = results[method]
         print(
-            f"{method:>5}: {r['tokens']} tokens, perplexity {r['perplexity']:.4f}, logprob drift vs "
-            f"{args.methods.split(',')[0]}: mean {r['mean_abs_logprob_drift']:.2e} max {r['max_abs_logprob_drift']:.2e}",
+            f"{method:>5}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens, prompt-logprob drift "
+            f"mean {r['mean_abs_logprob_drift']:.1e} max {r['max_abs_logprob_drift']:.1e}; greedy decode agrees "
+            f"for {agree} of 64 tokens, logprob drift max {r['greedy_max_abs_logprob_drift']:.1e}",
             flush=True,
         )
     if args.out:
