@@ -44,7 +44,11 @@ def spread(xs: list[float], fmt: str) -> str:
     if not xs:
         return "–"
     med = statistics.median(xs)
-    return (fmt.format(med) + f" ({fmt.format(min(xs))}–{fmt.format(max(xs))})") if len(xs) > 1 else fmt.format(med)
+    return (
+        (fmt.format(med) + f" ({fmt.format(min(xs))}–{fmt.format(max(xs))})")
+        if len(xs) > 1
+        else fmt.format(med)
+    )
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -61,7 +65,9 @@ def table(runs: list[dict[str, Any]]) -> str:
         ratios, best_names = [], set()
         for r in runs:
             t = value(r, "tidellm", c, key)
-            peer_vals = {p: v for p in peers if (v := value(r, p, c, key)) is not None and versus in (None, p)}
+            peer_vals = {
+                p: v for p in peers if (v := value(r, p, c, key)) is not None and versus in (None, p)
+            }
             if t is None or not peer_vals:
                 continue
             best = (max if higher else min)(peer_vals, key=peer_vals.get)
@@ -80,7 +86,9 @@ def main() -> None:
     runs = [json.loads(p.read_text()) for p in args.runs]
     text = (
         f"Median (min–max) over {len(runs)} runs ({', '.join(p.stem for p in args.runs)}); [n] = runs with that "
-        "figure. Ratios are taken within each run, against the best peer of that run.\n\n" + table(runs) + "\n"
+        "figure. Ratios are taken within each run, against the best peer of that run.\n\n"
+        + table(runs)
+        + "\n"
     )
     if args.out:
         args.out.write_text(text)

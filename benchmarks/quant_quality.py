@@ -46,8 +46,10 @@ def run(model: str, quantization: str) -> tuple[list[float], list[tuple[list[int
     decoded = []
     for o in llm.generate(DECODE_PROMPTS, greedy, use_tqdm=False):
         toks = o.outputs[0].token_ids
-        decoded.append((toks, [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]))
-    out = llm.generate([TEXT], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False)[0]
+        decoded.append((toks, [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks, strict=True)]))
+    out = llm.generate(
+        [TEXT], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), use_tqdm=False
+    )[0]
     ids = out.prompt_token_ids
     lps = []
     for pos, entry in enumerate(out.prompt_logprobs or []):
@@ -70,12 +72,12 @@ def main() -> None:
         lps, decoded, load_s = run(args.model, method)
         if base is None:
             base, base_dec = lps, decoded
-        drift = [abs(a - b) for a, b in zip(lps, base)]
+        drift = [abs(a - b) for a, b in zip(lps, base, strict=True)]
         agree, dec_drift = [], []
-        for (toks, tlps), (btoks, blps) in zip(decoded, base_dec):
-            n = next((i for i, (a, b) in enumerate(zip(toks, btoks)) if a != b), len(toks))
+        for (toks, tlps), (btoks, blps) in zip(decoded, base_dec, strict=True):
+            n = next((i for i, (a, b) in enumerate(zip(toks, btoks, strict=False)) if a != b), len(toks))
             agree.append(n)
-            dec_drift += [abs(a - b) for a, b in zip(tlps[:n], blps[:n])]
+            dec_drift += [abs(a - b) for a, b in zip(tlps[:n], blps[:n], strict=True)]
         results[method] = {
             "tokens": len(lps),
             "perplexity": math.exp(-sum(lps) / len(lps)),
@@ -93,7 +95,12 @@ def main() -> None:
             flush=True,
         )
     if args.out:
-        args.out.write_text(json.dumps({"model": args.model, "reference": args.methods.split(",")[0], "results": results}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {"model": args.model, "reference": args.methods.split(",")[0], "results": results}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -118,7 +118,11 @@ def test_paged_decode_matches_gathered_sdpa() -> None:
     qsl = np.concatenate([[0], np.cumsum(q_lens)])
     perm = np.random.default_rng(0).permutation(num_blocks)
     table = perm[:16].reshape(4, 4)
-    slots = [int(table[r, p // bs]) * bs + p % bs for r in range(4) for p in range(seq_lens[r] - q_lens[r], seq_lens[r])]
+    slots = [
+        int(table[r, p // bs]) * bs + p % bs
+        for r in range(4)
+        for p in range(seq_lens[r] - q_lens[r], seq_lens[r])
+    ]
     meta = AttentionMetadata.build(
         query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
         block_size=bs, device=torch.device("cpu"),

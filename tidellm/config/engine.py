@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
+QUANTIZATION_CHOICES = ("auto", "none", "q8_0", "q4_1")  # see model_executor/quant/method.py
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -34,15 +35,15 @@ class ModelConfig:
         "Weight-only quantization on CPU. auto: keep GGUF Q4_0/Q4_1/Q8_0 weights as they are in the file "
         "(exact); none: dense weights; q8_0 / q4_1: quantize every linear to 8 or 4 bits (smaller, faster, "
         "slightly less accurate).",
-        choices=("auto", "none", "q8_0", "q4_1"),
+        choices=QUANTIZATION_CHOICES,
     )
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len}).")
-        if self.quantization not in ("auto", "none", "q8_0", "q4_1"):
+        if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(
-                f"quantization must be one of auto, none, q8_0, q4_1 (got {self.quantization!r})."
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (got {self.quantization!r})."
             )
 
 

@@ -135,7 +135,9 @@ def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: to
     return out
 
 
-def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
     """fp32 contiguous x [..., H]: ``x += residual`` in place (when given), returns rms_norm(x) * weight."""
     out = torch.empty_like(x)
     hidden = x.shape[-1]

@@ -31,7 +31,9 @@ class _VocabMatrix(nn.Module):
         """Store the matrix with ``method`` (a ``BlockQuantMethod``) instead of densely."""
         self.quant_method = method
         self.qweight = method.empty(self.vocab_size, self.hidden_size)
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.dtype), requires_grad=False)  # a name to load into
+        self.weight = nn.Parameter(
+            torch.empty(0, dtype=self.dtype), requires_grad=False
+        )  # a name to load into
         self.weight.weight_loader = lambda _param, loaded: method.store(self.qweight, loaded, None)
 
 

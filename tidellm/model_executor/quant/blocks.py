@@ -44,7 +44,9 @@ class QuantizedTensor:
         return cls(fmt, (rows, cols), q, torch.empty(rows, nb, dtype=torch.float32, device=device), m)
 
     @classmethod
-    def from_gguf(cls, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> QuantizedTensor:
+    def from_gguf(
+        cls, raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]
+    ) -> QuantizedTensor:
         """GGUF Q4_0 / Q4_1 / Q8_0 bytes ``[rows, row_bytes]`` of a ``[rows, cols]`` tensor, unchanged in value."""
         rows, cols = shape
         nb = cols // BLOCK
@@ -54,7 +56,9 @@ class QuantizedTensor:
             return torch.from_numpy(v.reshape(rows, nb))
 
         def codes(blocks: np.ndarray, at: int, size: int, dtype: type) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(blocks[:, at : at + size]).view(dtype).reshape(rows, nb, size))
+            return torch.from_numpy(
+                np.ascontiguousarray(blocks[:, at : at + size]).view(dtype).reshape(rows, nb, size)
+            )
 
         if qtype == Q.Q8_0:
             blocks = raw.reshape(-1, 34)
@@ -98,12 +102,16 @@ class QuantizedTensor:
     def rows(self, index: torch.Tensor) -> QuantizedTensor:
         """The rows ``index`` (a permutation or a selection), as a new tensor."""
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return QuantizedTensor(self.fmt, (len(index), self.shape[1]), pick(self.q), pick(self.d), pick(self.m))
+        return QuantizedTensor(
+            self.fmt, (len(index), self.shape[1]), pick(self.q), pick(self.d), pick(self.m)
+        )
 
     def copy_rows_(self, offset: int, src: QuantizedTensor) -> None:
         """Write ``src`` into rows [offset, offset + src rows) (a shard of a merged projection)."""
         if src.fmt != self.fmt or src.shape[1] != self.shape[1]:
-            raise ValueError(f"cannot copy a {src.fmt} {src.shape} shard into a {self.fmt} {self.shape} weight")
+            raise ValueError(
+                f"cannot copy a {src.fmt} {src.shape} shard into a {self.fmt} {self.shape} weight"
+            )
         n = src.shape[0]
         self.q[offset : offset + n].copy_(src.q)
         self.d[offset : offset + n].copy_(src.d)

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidellm.config.engine import QUANTIZATION_CHOICES
+from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, LinearMethod
-from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.quant.blocks import BLOCK, EXACT_GGUF_FORMATS, FORMATS, QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("auto", "none", *FORMATS)
 # Batches up to this many rows run through the block kernel; larger ones widen the weight into a shared
 # scratch buffer and use the BLAS GEMM, which wins once the matmul is compute-bound. Crossovers measured on
 # the model's own layers on a 2-core AVX2 machine: ~56 rows for Q4_1 (whose widening costs more), above 128
@@ -121,7 +121,9 @@ def plan_quantization(method: str, source, device: torch.device) -> tuple[dict[s
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (got {method!r}).")
     if method == "none" or device.type != "cpu":
         if method not in ("none", "auto"):
-            raise ValueError(f"quantization={method!r} runs on CPU only; use quantization='none' on {device}.")
+            raise ValueError(
+                f"quantization={method!r} runs on CPU only; use quantization='none' on {device}."
+            )
         return {}, None
     if not cpu_kernels.available():
         if method != "auto":
@@ -163,7 +165,9 @@ def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | No
             module.use_blocks(block)
         kept.update(names)
     if kept:
-        logger.info("Weights held as blocks: %d checkpoint tensors (%s)", len(kept), ", ".join(sorted(methods)))
+        logger.info(
+            "Weights held as blocks: %d checkpoint tensors (%s)", len(kept), ", ".join(sorted(methods))
+        )
     return kept
 
 
