@@ -27,3 +27,11 @@ def test_unset_max_model_len_shrinks_to_the_kv_capacity():
     llm = LLM("smollm2-135m", dtype="float32", kv_cache_memory_gb=0.01)
     plan = llm.engine.core.runner.kv_plan
     assert llm.engine.max_model_len == plan.capacity_tokens < 8192
+
+
+def test_kv_budget_larger_than_memory_is_a_clear_error():
+    from tidellm.platforms import available_memory_bytes
+
+    too_much = available_memory_bytes(__import__("torch").device("cpu")) / 2**30 + 64
+    with pytest.raises(ValueError, match=r"kv_cache_memory_gb=.* more than the memory available.*lower"):
+        LLM("smollm2-135m", dtype="float32", kv_cache_memory_gb=too_much)

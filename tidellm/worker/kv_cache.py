@@ -51,6 +51,13 @@ def plan_kv_cache(
     per_block = kv_cache_bytes_per_block(arch, bs, dtype)
     if config.cache.kv_cache_memory_gb is not None:
         budget = int(config.cache.kv_cache_memory_gb * 2**30)
+        if device.type == "cpu" and budget > (free := available_memory_bytes(device)):
+            # The CPU cache is committed as it fills (see allocate_kv_caches), so an oversized budget would
+            # not fail here but kill the process under load later.
+            raise ValueError(
+                f"kv_cache_memory_gb={config.cache.kv_cache_memory_gb:g} is more than the memory available "
+                f"({free / 2**30:.1f} GiB); lower kv_cache_memory_gb."
+            )
     elif device.type == "cuda":
         budget = int(available_memory_bytes(device) * GPU_KV_SHARE)
     else:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from tidellm.config.arch import ArchConfig
@@ -21,8 +24,22 @@ def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dty
 def allocate_kv_caches(
     arch: ArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    """Zero-filled so that padding slots a decode batch reads (and masks out) never hold NaN garbage."""
+    """Zero-filled so that padding slots a decode batch reads (and masks out) never hold NaN garbage.
+
+    On CPU each layer's cache is a fresh anonymous mapping: the kernel hands out its pages already zeroed,
+    on first touch, so start-up does not write gigabytes of zeros (4 GiB took 2-5 s) and the resident size
+    grows with the tokens actually cached. Huge pages are asked for to make those first touches cheap."""
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"need num_blocks >= 1 and block_size >= 1 (got {num_blocks}, {block_size})")
     shape = kv_cache_shape(arch, num_blocks, block_size)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
+    if device.type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_hidden_layers)]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return [_zeroed_cpu_tensor(shape, dtype, nbytes) for _ in range(arch.num_hidden_layers)]
+
+
+def _zeroed_cpu_tensor(shape: tuple[int, ...], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    buf = mmap.mmap(-1, nbytes)  # anonymous: zero-filled by the OS; the tensor keeps it alive
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
