@@ -40,9 +40,11 @@ def test_gguf_blocks_convert_without_changing_values(qtype: GGMLQuantizationType
         torch.testing.assert_close(qt.dequantize(), ref, rtol=0, atol=1e-6)
     else:
         assert torch.equal(qt.dequantize(), ref)
-    # the widening kernel gives the same numbers as the torch reference
+    # the widening kernel gives the same numbers as the torch reference, in fp32 and rounded to bf16
     out = torch.empty(12, 96)
     assert torch.equal(cpu_kernels.dequantize(qt.q, qt.d, qt.m, out), qt.dequantize())
+    out16 = torch.empty(12, 96, dtype=torch.bfloat16)
+    assert torch.equal(cpu_kernels.dequantize(qt.q, qt.d, qt.m, out16), qt.dequantize().bfloat16())
 
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
@@ -60,6 +62,25 @@ def test_block_matmul_matches_dense(fmt: str, rows: int, monkeypatch: pytest.Mon
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     # the raw kernel too, whatever the batch size (the LM head at 64 rows uses it directly)
     torch.testing.assert_close(cpu_kernels.matmul(x, qt.q, qt.d, qt.m), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_bf16_batches(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 activations: small batches through the fp32 kernel, large ones through the GEMM on weights widened
+    to bf16 (native bf16 CPUs) or fp32 (others); both close to the bf16 dense product."""
+    monkeypatch.setattr(quant_method, "MAX_KERNEL_ROWS", {fmt: 8})
+    torch.manual_seed(1)
+    qt = QuantizedTensor.quantize(torch.randn(50, 96), fmt)
+    block = quant_method.BlockQuantMethod(fmt, quant_method.DenseScratch())
+    for native in (True, False):
+        monkeypatch.setattr(quant_method, "cpu_has_native_bf16", lambda native=native: native)
+        for rows in (3, 40):
+            x = torch.randn(rows, 96).bfloat16()
+            ref = x.float() @ qt.dequantize().T
+            got = block.matmul(x, qt)
+            wide = rows > 8 and native
+            assert got.dtype == (torch.bfloat16 if wide else torch.float32)
+            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=0.15 if wide else 1e-4)
 
 
 def test_widen_path_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,6 +129,20 @@ def test_rms_norm_kernel(rows: int) -> None:
     torch.testing.assert_close(cpu_kernels.rms_norm(x, None, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5))
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_rms_norm_kernel_bf16(rows: int) -> None:
+    """bf16: the same roundings as the torch reference, so the same bits."""
+    torch.manual_seed(rows)
+    x, res, w = (torch.randn(*s).bfloat16() for s in ((rows, 576), (rows, 576), (576,)))
+    ref_sum = x + res
+    ref = F.rms_norm(ref_sum, (576,), w, 1e-5)
+    out = cpu_kernels.rms_norm(x, res, w, 1e-5)
+    assert torch.equal(x, ref_sum)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
+        cpu_kernels.rms_norm(x, None, w.float(), 1e-5)
+
+
 def test_paged_decode_matches_gathered_sdpa() -> None:
     """Decodes of different lengths, interleaved with a prefill chunk, from scattered blocks."""
     torch.manual_seed(0)
@@ -136,3 +171,20 @@ def test_paged_decode_matches_gathered_sdpa() -> None:
     rows = d.rows.tolist()
     assert rows == [0, 4, 5]
     torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_bf16_matches_fp32() -> None:
+    """bf16 cache and query: the same attention as fp32 on the bf16-rounded values (the math is fp32)."""
+    torch.manual_seed(2)
+    heads, kv_heads, dim, bs, num_blocks = 6, 2, 16, 4, 12
+    kv = torch.randn(2, num_blocks, bs, kv_heads, dim).bfloat16()
+    table = torch.tensor([[3, 7, 1], [0, 2, 5]])
+    seq_lens, rows = torch.tensor([11, 6]), torch.tensor([0, 1])
+    q = torch.randn(2, heads, dim).bfloat16()
+    out16 = torch.zeros(2, heads, dim, dtype=torch.bfloat16)
+    cpu_kernels.paged_decode(q, rows, kv, table, seq_lens, 0.25, out16)
+    out32 = torch.zeros(2, heads, dim)
+    cpu_kernels.paged_decode(q.float(), rows, kv.float(), table, seq_lens, 0.25, out32)
+    torch.testing.assert_close(out16, out32.bfloat16(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="all float32 or all bfloat16"):
+        cpu_kernels.paged_decode(q, rows, kv.float(), table, seq_lens, 0.25, out16)

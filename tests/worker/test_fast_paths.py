@@ -8,27 +8,29 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 import torch.nn.functional as F
 
-from tidellm import SamplingParams
+from tidellm import LLM, SamplingParams
 from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.attention import sdpa_backend
 from tidellm.model_executor.layers.linear import Linear
 from tidellm.model_executor.quant.method import BlockQuantLinearMethod
+from tidellm.platforms import cpu_has_native_bf16
 
 
-def test_default_model_runs_on_the_fast_cpu_paths(llm_fp32, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cpu_kernels.available(), "the CPU kernels must build on CI machines (is a C++ compiler installed?)"
-    runner = llm_fp32.engine.core.runner
-    model = runner.model
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert len(linears) == 4 * model.arch.num_hidden_layers
-    assert all(isinstance(m.linear_method, BlockQuantLinearMethod) for m in linears)
-    assert {m.qweight.fmt for m in linears} == {"q4_1"}  # the file's Q4_1, not widened
-    embed = model.model.embed_tokens
-    assert model.lm_head.source is embed and embed.qweight.fmt == "q8_0"
-    assert runner.load_report.weight_bytes < 130e6  # vs 538 MB as dense fp32
+@pytest.fixture(scope="module")
+def llm_bf16():
+    return LLM("smollm2-135m", dtype="bfloat16", kv_cache_memory_gb=0.25, max_model_len=2048)
 
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def llm(request):
+    """``dtype auto`` is one or the other depending on the CPU: both must stay on the fast paths."""
+    return request.getfixturevalue("llm_fp32" if request.param == "float32" else "llm_bf16")
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     calls: Counter[str] = Counter()
 
     def count(name, fn):
@@ -43,8 +45,23 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm_fp32, monkeypatch: pytest.
     monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
     monkeypatch.setattr(F, "rms_norm", count("slow_rms_norm", F.rms_norm))
     monkeypatch.setattr(F, "linear", count("linear", F.linear))
+    return calls
 
-    out = llm_fp32.generate(
+
+def test_default_model_runs_on_the_fast_cpu_paths(llm, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_kernels.available(), "the CPU kernels must build on CI machines (is a C++ compiler installed?)"
+    runner = llm.engine.core.runner
+    model = runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * model.arch.num_hidden_layers
+    assert all(isinstance(m.linear_method, BlockQuantLinearMethod) for m in linears)
+    assert {m.qweight.fmt for m in linears} == {"q4_1"}  # the file's Q4_1, not widened
+    embed = model.model.embed_tokens
+    assert model.lm_head.source is embed and embed.qweight.fmt == "q8_0"
+    assert runner.load_report.weight_bytes < 130e6  # vs 538 MB as dense fp32
+
+    calls = _counting(monkeypatch)
+    out = llm.generate(
         ["The capital of France is", "def add(a, b):"],
         SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
         use_tqdm=False,
@@ -58,3 +75,15 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm_fp32, monkeypatch: pytest.
     assert calls["matmul"] == (decode_steps + 1) * (4 * layers + 1)
     for slow in ("slow_decode", "slow_rms_norm", "linear", "dequantize"):
         assert calls[slow] == 0, f"fell back to {slow}"
+
+
+def test_large_batches_widen_in_the_fastest_dtype(llm_bf16, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prompt's prefill (more rows than the kernel takes) widens the blocks and uses the GEMM: in bf16
+    where the CPU multiplies bf16 natively (about 4x fp32 there), else in fp32 (bf16 GEMMs are emulated)."""
+    widened: list[torch.dtype] = []
+    real = cpu_kernels.dequantize
+    monkeypatch.setattr(cpu_kernels, "dequantize", lambda *a: widened.append(a[-1].dtype) or real(*a))
+    llm_bf16.generate([list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    layers = llm_bf16.engine.core.runner.model.arch.num_hidden_layers
+    assert len(widened) == 4 * layers  # the LM head runs on the last token only: the kernel
+    assert set(widened) == {torch.bfloat16 if cpu_has_native_bf16() else torch.float32}

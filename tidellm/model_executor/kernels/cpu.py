@@ -1,4 +1,5 @@
-"""The CPU quantized-matmul kernels (``cpu_quant.cpp``): compiled on first use for this CPU, cached on disk.
+"""The CPU kernels (``cpu_kernels.cpp``: quantized matmuls, RMSNorm, paged decode attention), compiled on
+first use for this CPU and cached on disk.
 
 Why a compiled kernel: decoding one token streams every weight from memory once, and PyTorch's CPU int8/int4
 weight-only matmuls (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are 10-50x slower than an
@@ -83,12 +84,20 @@ def library() -> ctypes.CDLL:
     lib.tide_q4_1_dequant.restype = None
     lib.tide_q8_0_dequant.argtypes = [_ptr, _ptr, _i64, _i64, _ptr]
     lib.tide_q8_0_dequant.restype = None
+    lib.tide_q4_1_dequant_bf16.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr]
+    lib.tide_q4_1_dequant_bf16.restype = None
+    lib.tide_q8_0_dequant_bf16.argtypes = [_ptr, _ptr, _i64, _i64, _ptr]
+    lib.tide_q8_0_dequant_bf16.restype = None
     lib.tide_rms_norm.argtypes = [_ptr, _ptr, _ptr, ctypes.c_float, _i64, _i64, _ptr]
     lib.tide_rms_norm.restype = None
+    lib.tide_rms_norm_bf16.argtypes = lib.tide_rms_norm.argtypes
+    lib.tide_rms_norm_bf16.restype = None
     lib.tide_paged_decode.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 4 + [
         ctypes.c_float, _ptr,
     ]  # fmt: skip
     lib.tide_paged_decode.restype = None
+    lib.tide_paged_decode_bf16.argtypes = lib.tide_paged_decode.argtypes
+    lib.tide_paged_decode_bf16.restype = None
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 
@@ -125,23 +134,34 @@ def matmul(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | 
 
 
 def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """The blocks as fp32 rows, written into ``out`` [N, K] (contiguous)."""
+    """The blocks as rows of ``out`` [N, K] (contiguous, fp32 or bf16: bf16 rounds to nearest even)."""
     n, k = out.shape
     lib = library()
+    if out.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize writes float32 or bfloat16, not {out.dtype}")
+    bf16 = out.dtype == torch.bfloat16
     if m is not None:
-        lib.tide_q4_1_dequant(q.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
+        fn = lib.tide_q4_1_dequant_bf16 if bf16 else lib.tide_q4_1_dequant
+        fn(q.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
     else:
-        lib.tide_q8_0_dequant(q.data_ptr(), d.data_ptr(), n, k, out.data_ptr())
+        fn = lib.tide_q8_0_dequant_bf16 if bf16 else lib.tide_q8_0_dequant
+        fn(q.data_ptr(), d.data_ptr(), n, k, out.data_ptr())
     return out
 
 
 def rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """fp32 contiguous x [..., H]: ``x += residual`` in place (when given), returns rms_norm(x) * weight."""
+    """Contiguous x [..., H], fp32 or bf16 (residual and weight alike): ``x += residual`` in place (when
+    given), returns rms_norm(x) * weight, rounded as ``F.rms_norm`` rounds."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        raise ValueError(
+            f"rms_norm needs x and weight both float32 or both bfloat16 (got {x.dtype}, {weight.dtype})"
+        )
     out = torch.empty_like(x)
     hidden = x.shape[-1]
-    library().tide_rms_norm(
+    lib = library()
+    (lib.tide_rms_norm_bf16 if x.dtype == torch.bfloat16 else lib.tide_rms_norm)(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(), eps,
         x.numel() // hidden, hidden, out.data_ptr(),
     )  # fmt: skip
@@ -149,16 +169,23 @@ def rms_norm(
 
 
 def paged_decode(
-    q: torch.Tensor,  # [T, H, D] fp32, inner two dims contiguous
+    q: torch.Tensor,  # [T, H, D] fp32 or bf16, inner two dims contiguous
     rows: torch.Tensor,  # [B] int64: the token row of each decode query
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D] fp32 contiguous
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D] contiguous, q's dtype
     block_table: torch.Tensor,  # [B, max_blocks] int64 contiguous
     seq_lens: torch.Tensor,  # [B] int64
     scale: float,
-    out: torch.Tensor,  # [T, H, D] fp32 contiguous; rows ``rows`` are written
+    out: torch.Tensor,  # [T, H, D] contiguous, q's dtype; rows ``rows`` are written
 ) -> None:
+    """Decode attention read in place from the paged cache; fp32 math whatever the storage dtype."""
+    if not q.dtype == kv_cache.dtype == out.dtype or q.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"paged_decode needs q, kv_cache and out all float32 or all bfloat16 (got {q.dtype})"
+        )
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    library().tide_paged_decode(
+    lib = library()
+    fn = lib.tide_paged_decode_bf16 if q.dtype == torch.bfloat16 else lib.tide_paged_decode
+    fn(
         q.data_ptr(), q.stride(0), rows.data_ptr(), kv_cache.data_ptr(), num_blocks, block_size,
         block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), rows.shape[0], q.shape[1],
         num_kv_heads, head_dim, scale, out.data_ptr(),

@@ -1,4 +1,4 @@
-// CPU kernels behind tidellm's fp32 CPU path, called through ctypes (plain C ABI).
+// CPU kernels behind tidellm's CPU path, called through ctypes (plain C ABI).
 //
 // Weight-only quantized matmuls: y[M, N] = x[M, K] . W[N, K]^T with W kept in blocks of 32 along K, in
 // GGUF's Q4_1 and Q8_0 layouts with the scales widened to fp32. Decode on CPUs is bound by streaming the
@@ -13,6 +13,7 @@
 // follow torch.set_num_threads.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -169,82 +170,117 @@ void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d
     }
 }
 
-// Whole rows widened back to fp32 (for large batches, which run faster through the BLAS GEMM): out [N, K].
-template <class F>
-void dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {
+// fp32 -> bf16, rounding to nearest even (what torch's .to(torch.bfloat16) does for finite values).
+inline uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+#ifdef TIDE_AVX2
+inline void store(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+inline void store(uint16_t* o, __m256 v) {
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+#endif
+inline void store1(float* o, float v) { *o = v; }
+inline void store1(uint16_t* o, float v) { *o = to_bf16(v); }
+
+// Whole rows widened (for large batches, which run faster through the BLAS GEMM): out [N, K], fp32 or bf16
+// (T = uint16_t; for models running in bf16 on CPUs with native bf16 GEMMs).
+template <class F, class T>
+void dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, T* out) {
   const int64_t nb = K / kBlock;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t i = n * nb + b;
-      float* o = out + n * K + b * kBlock;
+      T* o = out + n * K + b * kBlock;
 #ifdef TIDE_AVX2
       __m256 w[4];
       F::widen(q + i * F::kBytes, w);
       const __m256 scale = _mm256_set1_ps(d[i]);
       const __m256 shift = _mm256_set1_ps(m != nullptr ? m[i] : 0.f);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(w[j], scale), shift));
+      for (int j = 0; j < 4; ++j) store(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(w[j], scale), shift));
 #else
-      for (int j = 0; j < kBlock; ++j) o[j] = d[i] * F::code(q + i * F::kBytes, j) + (m != nullptr ? m[i] : 0.f);
+      for (int j = 0; j < kBlock; ++j)
+        store1(o + j, d[i] * F::code(q + i * F::kBytes, j) + (m != nullptr ? m[i] : 0.f));
 #endif
     }
 }
 
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline float ld(const uint16_t* p, int64_t i) {
+  const uint32_t b = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
 // out = rms_norm(x (+ residual)) * w over rows of H; with a residual, x += residual first, in place (x then
-// holds the new residual stream). fp32; the same arithmetic as the reference: x * rsqrt(mean(x^2) + eps) * w.
-void rms_norm(float* x, const float* residual, const float* w, float eps, int64_t M, int64_t H, float* out) {
+// holds the new residual stream). The same arithmetic and roundings as F.rms_norm for T = float or bf16: the
+// sum rounded to T, then w * x * rsqrt(mean(x^2) + eps) in fp32, rounded to T once.
+template <class T>
+void rms_norm(T* x, const T* residual, const T* w, float eps, int64_t M, int64_t H, T* out) {
 #pragma omp parallel for schedule(static) if (M > 32)
   for (int64_t r = 0; r < M; ++r) {
-    float* xr = x + r * H;
+    T* xr = x + r * H;
     if (residual != nullptr) {
-      const float* rr = residual + r * H;
+      const T* rr = residual + r * H;
 #pragma omp simd
-      for (int64_t i = 0; i < H; ++i) xr[i] += rr[i];
+      for (int64_t i = 0; i < H; ++i) store1(xr + i, ld(xr, i) + ld(rr, i));
     }
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    for (int64_t i = 0; i < H; ++i) ss += ld(xr, i) * ld(xr, i);
     const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-    float* o = out + r * H;
+    T* o = out + r * H;
 #pragma omp simd
-    for (int64_t i = 0; i < H; ++i) o[i] = w[i] * (xr[i] * inv);
+    for (int64_t i = 0; i < H; ++i) store1(o + i, ld(w, i) * (ld(xr, i) * inv));
   }
 }
 
 // Decode attention straight from the paged cache: one query token per request, reading only the request's
 // blocks (no gathered copy). q row b sits at q + rows[b] * q_stride as [H, D]; out row at out + rows[b] * H * D.
 // kv: [2, num_blocks, block_size, Hkv, D]; block_table [B, max_blocks]; seq_lens [B] (keys 0..len-1).
-void paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const float* kv, int64_t num_blocks,
+// T is the element type of q, kv and out (float, or uint16_t holding bf16); the math is fp32.
+template <class T>
+void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv, int64_t num_blocks,
                   int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
-                  int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
+                  int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, T* out) {
   const int64_t G = H / Hkv;
   const int64_t tok_stride = Hkv * D;
-  const float* vbase = kv + num_blocks * block_size * tok_stride;
+  const T* vbase = kv + num_blocks * block_size * tok_stride;
   // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
   // when the API process or a client holds a core, so small batches stay on this thread.
   int64_t keys = 0;
   for (int64_t b = 0; b < B; ++b) keys += seq_lens[b];
 #pragma omp parallel if (keys * Hkv > 4096)
   {
-    std::vector<float> scores;
+    std::vector<float> scores, qf(G * D), of(G * D);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < Hkv; ++h) {
         const int64_t L = seq_lens[b];
         scores.resize(G * L);
         const int64_t* table = block_table + b * max_blocks;
-        const float* qh = q + rows[b] * q_stride + h * G * D;
+        const T* qh = q + rows[b] * q_stride + h * G * D;
+        for (int64_t i = 0; i < G * D; ++i) qf[i] = ld(qh, i);
         for (int64_t t = 0; t < L; ++t) {
-          const float* k = kv + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
+          const T* k = kv + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
           for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qh + g * D;
+            const float* qg = qf.data() + g * D;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += qg[i] * k[i];
+            for (int64_t i = 0; i < D; ++i) s += qg[i] * ld(k, i);
             scores[g * L + t] = s * scale;
           }
         }
-        float* oh = out + rows[b] * H * D + h * G * D;
+        T* oh = out + rows[b] * H * D + h * G * D;
         for (int64_t g = 0; g < G; ++g) {
           float* sg = scores.data() + g * L;
           float mx = sg[0];
@@ -255,15 +291,16 @@ void paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const f
             sum += sg[t];
           }
           const float inv = 1.0f / sum;
-          float* og = oh + g * D;
+          float* og = of.data() + g * D;
           for (int64_t i = 0; i < D; ++i) og[i] = 0.f;
           for (int64_t t = 0; t < L; ++t) {
-            const float* v = vbase + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
+            const T* v = vbase + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
             const float p = sg[t] * inv;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) og[i] += p * v[i];
+            for (int64_t i = 0; i < D; ++i) og[i] += p * ld(v, i);
           }
         }
+        for (int64_t i = 0; i < G * D; ++i) store1(oh + i, of[i]);
       }
   }
 }
@@ -292,13 +329,35 @@ void tide_q8_0_dequant(const int8_t* q, const float* d, int64_t N, int64_t K, fl
   dequant<Q80>(reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K, out);
 }
 
+void tide_q4_1_dequant_bf16(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K,
+                            uint16_t* out) {
+  dequant<Q41>(q, d, m, N, K, out);
+}
+
+void tide_q8_0_dequant_bf16(const int8_t* q, const float* d, int64_t N, int64_t K, uint16_t* out) {
+  dequant<Q80>(reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K, out);
+}
+
 void tide_rms_norm(float* x, const float* residual, const float* w, float eps, int64_t M, int64_t H, float* out) {
+  rms_norm(x, residual, w, eps, M, H, out);
+}
+
+void tide_rms_norm_bf16(uint16_t* x, const uint16_t* residual, const uint16_t* w, float eps, int64_t M, int64_t H,
+                        uint16_t* out) {
   rms_norm(x, residual, w, eps, M, H, out);
 }
 
 void tide_paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const float* kv, int64_t num_blocks,
                        int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
                        int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
+  paged_decode(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, B, H, Hkv, D,
+               scale, out);
+}
+
+void tide_paged_decode_bf16(const uint16_t* q, int64_t q_stride, const int64_t* rows, const uint16_t* kv,
+                            int64_t num_blocks, int64_t block_size, const int64_t* block_table, int64_t max_blocks,
+                            const int64_t* seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale,
+                            uint16_t* out) {
   paged_decode(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, B, H, Hkv, D,
                scale, out);
 }

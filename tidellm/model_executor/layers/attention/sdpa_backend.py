@@ -56,13 +56,13 @@ def paged_sdpa_attention(
 
 
 def _use_cpu_kernel(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """fp32 on CPU with the compiled kernels: decode straight from the paged cache."""
+    """fp32 or bf16 on CPU with the compiled kernels: decode straight from the paged cache."""
     return (
-        q.dtype == torch.float32
+        q.dtype in (torch.float32, torch.bfloat16)
         and q.device.type == "cpu"
         and q.stride(2) == 1
         and q.stride(1) == q.shape[2]
-        and kv_cache.dtype == torch.float32
+        and kv_cache.dtype == q.dtype
         and kv_cache.is_contiguous()
         and cpu_kernels.available()
     )
