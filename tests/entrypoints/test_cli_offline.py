@@ -68,3 +68,22 @@ def test_bad_model_path_is_one_clear_line(tmp_path):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
     assert "nope.gguf" in res.stderr
+
+
+def test_models_lists_architectures_and_named_models(smollm2_source):
+    from tidellm.model_executor.loader import NAMED_MODELS
+    from tidellm.model_executor.models.registry import SUPPORTED_ARCHITECTURES
+
+    res = _run(["models", "--json"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert (
+        info["architectures"] == list(SUPPORTED_ARCHITECTURES) and "LlamaForCausalLM" in info["architectures"]
+    )
+    by_name = {m["name"]: m for m in info["named_models"]}
+    assert set(by_name) == set(NAMED_MODELS)
+    assert (
+        by_name["smollm2-135m"]["default"] and by_name["smollm2-135m"]["cached"]
+    )  # smollm2_source fetched it
+    text = _run(["models"], timeout=60)
+    assert text.returncode == 0 and "smollm2-135m" in text.stdout and "LlamaForCausalLM" in text.stdout

@@ -15,9 +15,39 @@ from tidellm.model_executor.layers.attention import AttentionMetadata, sdpa_back
 from tidellm.model_executor.loader.gguf_weights import dequantize
 from tidellm.model_executor.quant import method as quant_method
 from tidellm.model_executor.quant.blocks import QuantizedTensor
+from tidellm.platforms import cpu_flags
 
 Q = GGMLQuantizationType
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
+
+# Every test runs against the build for this CPU and against the AVX2 and plain C++ builds, so an AVX-512
+# machine also checks the code paths of the AVX2 machines (and the other way round for what they can run).
+ISA_FLAGS: dict[str, list[str] | None] = {
+    "native": None,
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+SIMD_LEVEL = {"generic": 0, "avx2": 2}  # native: 3 with AVX-512 F+BW, else 2 with AVX2+FMA, else 0
+
+
+@pytest.fixture(autouse=True, params=list(ISA_FLAGS))
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    flags = ISA_FLAGS[request.param]
+    if request.param == "avx2" and not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    if flags is not None:
+        monkeypatch.setattr(
+            cpu_kernels, "FLAGS", [f for f in cpu_kernels.FLAGS if f != "-march=native"] + flags
+        )
+    cpu_kernels.library.cache_clear()
+    yield request.param
+    cpu_kernels.library.cache_clear()
+
+
+def test_simd_level(isa: str) -> None:
+    flags = cpu_flags()
+    native = 3 if {"avx512f", "avx512bw"} <= flags else 2 if {"avx2", "fma"} <= flags else 0
+    assert cpu_kernels.library().tide_simd_level() == SIMD_LEVEL.get(isa, native)
 
 
 def random_gguf_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -69,6 +99,7 @@ def test_bf16_batches(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 activations: small batches through the fp32 kernel, large ones through the GEMM on weights widened
     to bf16 (native bf16 CPUs) or fp32 (others); both close to the bf16 dense product."""
     monkeypatch.setattr(quant_method, "MAX_KERNEL_ROWS", {fmt: 8})
+    monkeypatch.setattr(quant_method, "MAX_KERNEL_ROWS_BF16", {fmt: 8})
     torch.manual_seed(1)
     qt = QuantizedTensor.quantize(torch.randn(50, 96), fmt)
     block = quant_method.BlockQuantMethod(fmt, quant_method.DenseScratch())
@@ -143,10 +174,11 @@ def test_rms_norm_kernel_bf16(rows: int) -> None:
         cpu_kernels.rms_norm(x, None, w.float(), 1e-5)
 
 
-def test_paged_decode_matches_gathered_sdpa() -> None:
+@pytest.mark.parametrize("dim", [16, 64])
+def test_paged_decode_matches_gathered_sdpa(dim: int) -> None:
     """Decodes of different lengths, interleaved with a prefill chunk, from scattered blocks."""
     torch.manual_seed(0)
-    heads, kv_heads, dim, bs, num_blocks = 6, 2, 16, 4, 40
+    heads, kv_heads, bs, num_blocks = 6, 2, 4, 40
     kv = torch.randn(2, num_blocks, bs, kv_heads, dim)
     seq_lens = np.array([9, 5, 13, 1])  # request 1 is a 3-token prefill chunk (prefix 2)
     q_lens = np.array([1, 3, 1, 1])
@@ -173,10 +205,12 @@ def test_paged_decode_matches_gathered_sdpa() -> None:
     torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
 
 
-def test_paged_decode_bf16_matches_fp32() -> None:
-    """bf16 cache and query: the same attention as fp32 on the bf16-rounded values (the math is fp32)."""
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_paged_decode_bf16_matches_fp32(dim: int) -> None:
+    """bf16 cache and query: the same attention as fp32 on the bf16-rounded values (the math is fp32). Head
+    sizes 64/128 take the compile-time-unrolled kernels, 16 the generic one."""
     torch.manual_seed(2)
-    heads, kv_heads, dim, bs, num_blocks = 6, 2, 16, 4, 12
+    heads, kv_heads, bs, num_blocks = 6, 2, 4, 12
     kv = torch.randn(2, num_blocks, bs, kv_heads, dim).bfloat16()
     table = torch.tensor([[3, 7, 1], [0, 2, 5]])
     seq_lens, rows = torch.tensor([11, 6]), torch.tensor([0, 1])
@@ -188,3 +222,56 @@ def test_paged_decode_bf16_matches_fp32() -> None:
     torch.testing.assert_close(out16, out32.bfloat16(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="all float32 or all bfloat16"):
         cpu_kernels.paged_decode(q, rows, kv.float(), table, seq_lens, 0.25, out16)
+
+
+def _windowed_reference(q, kv, table, seq_lens, rows, window, scale):
+    """Attention of each decode query over the keys at positions > len - 1 - window, from the table."""
+    heads, kv_heads = q.shape[1], kv.shape[3]
+    bs = kv.shape[2]
+    out = torch.zeros(len(rows), heads, q.shape[2])
+    for i, (row, length) in enumerate(zip(rows, seq_lens, strict=True)):
+        pos = torch.arange(max(0, length - window) if window else 0, length)
+        slots = torch.as_tensor(table[i])[pos // bs] * bs + pos % bs
+        k = kv[0].reshape(-1, kv_heads, kv.shape[4])[slots].float()  # [L, Hkv, D]
+        v = kv[1].reshape(-1, kv_heads, kv.shape[4])[slots].float()
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1) for t in (k, v))  # [H, L, D]
+        p = torch.softmax((q[row].float()[:, None, :] @ k.transpose(1, 2)) * scale, dim=-1)  # [H, 1, L]
+        out[i] = (p @ v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_sliding_window_reads_only_the_window(dtype: torch.dtype) -> None:
+    """window > 0: keys at positions > len - 1 - window only; blocks wholly before the window (here filled
+    with NaN, as if handed to another request) are never read, by the kernel or the gather path."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim, bs, window = 4, 2, 16, 4, 6
+    seq_lens = np.array([17, 5, 11, 6, 7])  # 5 and 6 fit the window; 7 starts it mid-block
+    table = np.random.default_rng(1).permutation(40)[:25].reshape(5, 5)
+    kv = torch.randn(2, 40, bs, kv_heads, dim)
+    for r, length in enumerate(seq_lens):
+        dead = max(0, length - window) // bs  # blocks before the one holding the window's first key
+        kv[:, table[r, :dead]] = float("nan")
+    kv = kv.to(dtype)
+    qsl = np.arange(6)
+    slots = [int(table[r, (n - 1) // bs]) * bs + (n - 1) % bs for r, n in enumerate(seq_lens)]
+    meta = AttentionMetadata.build(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
+        block_size=bs, device=torch.device("cpu"),
+    )  # fmt: skip
+    d = meta.for_window(window).decode
+    assert d.window == window
+    q = torch.randn(5, heads, dim).to(dtype)
+    ref = _windowed_reference(q, kv, table, seq_lens, range(5), window, 0.25)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-2)
+    out = torch.zeros(5, heads, dim, dtype=dtype)
+    cpu_kernels.paged_decode(q, d.rows, kv, d.block_table, d.seq_lens, 0.25, out, d.window)
+    torch.testing.assert_close(out.float(), ref, **tol)
+    gathered = torch.zeros(5, heads, dim, dtype=dtype)
+    sdpa_backend._decode(q, kv, meta, d, 0.25, gathered)
+    torch.testing.assert_close(gathered.float(), ref, **tol)
+    # Without the window the same call reads the poisoned blocks: the test can tell.
+    cpu_kernels.paged_decode(q, d.rows, kv, d.block_table, d.seq_lens, 0.25, out)
+    assert out[0].isnan().all()
+    with pytest.raises(ValueError, match="window >= 0"):
+        cpu_kernels.paged_decode(q, d.rows, kv, d.block_table, d.seq_lens, 0.25, out, -1)

@@ -1,4 +1,4 @@
-"""``tidellm`` console script: serve | generate | chat | bench."""
+"""``tidellm`` console script: serve | generate | chat | bench | models."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from tidellm import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tidellm.entrypoints.cli import bench, generate
+    from tidellm.entrypoints.cli import bench, generate, models
 
     parser = argparse.ArgumentParser(prog="tidellm", description="Fast LLM inference and serving on PyTorch.")
     parser.add_argument("--version", action="version", version=f"tidellm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.register(sub)
     bench.register(sub)
+    models.register(sub)
     try:
         from tidellm.entrypoints.cli import serve
     except ImportError:  # server extras missing

@@ -92,7 +92,7 @@ def library() -> ctypes.CDLL:
     lib.tide_rms_norm.restype = None
     lib.tide_rms_norm_bf16.argtypes = lib.tide_rms_norm.argtypes
     lib.tide_rms_norm_bf16.restype = None
-    lib.tide_paged_decode.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 4 + [
+    lib.tide_paged_decode.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 5 + [
         ctypes.c_float, _ptr,
     ]  # fmt: skip
     lib.tide_paged_decode.restype = None
@@ -176,17 +176,23 @@ def paged_decode(
     seq_lens: torch.Tensor,  # [B] int64
     scale: float,
     out: torch.Tensor,  # [T, H, D] contiguous, q's dtype; rows ``rows`` are written
+    window: int = 0,
 ) -> None:
-    """Decode attention read in place from the paged cache; fp32 math whatever the storage dtype."""
+    """Decode attention read in place from the paged cache; fp32 math whatever the storage dtype.
+
+    ``window > 0`` is a sliding-window layer: a query at position p sees only keys at positions > p - window
+    (Mistral's and Gemma 3's convention), and blocks holding older keys are not read at all."""
     if not q.dtype == kv_cache.dtype == out.dtype or q.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(
             f"paged_decode needs q, kv_cache and out all float32 or all bfloat16 (got {q.dtype})"
         )
+    if window < 0:
+        raise ValueError(f"paged_decode needs window >= 0 (0: no window), got {window}")
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     lib = library()
     fn = lib.tide_paged_decode_bf16 if q.dtype == torch.bfloat16 else lib.tide_paged_decode
     fn(
         q.data_ptr(), q.stride(0), rows.data_ptr(), kv_cache.data_ptr(), num_blocks, block_size,
-        block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), rows.shape[0], q.shape[1],
+        block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), window, rows.shape[0], q.shape[1],
         num_kv_heads, head_dim, scale, out.data_ptr(),
     )  # fmt: skip

@@ -20,25 +20,65 @@
 #include <immintrin.h>
 #define TIDE_AVX2 1
 #endif
+#if defined(TIDE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define TIDE_AVX512 1
+#endif
 
 namespace {
 
 constexpr int kBlock = 32;
 constexpr int kMaxRows = 8;  // input rows per pass over a weight block (their accumulators stay in registers)
 
+// The block matmul's vector type: a 32-element block is kV vectors of kLanes floats.
+#if defined(TIDE_AVX512)
+using vf = __m512;
+constexpr int kLanes = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(const float* p) { return _mm512_set1_ps(*p); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(TIDE_AVX2)
+using vf = __m256;
+constexpr int kLanes = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(const float* p) { return _mm256_broadcast_ss(p); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+#ifdef TIDE_AVX2
+constexpr int kV = kBlock / kLanes;
+#endif
+
 struct Q41 {
   static constexpr int kBytes = 16;
   static inline float code(const uint8_t* p, int j) { return j < 16 ? (p[j] & 0x0F) : (p[j - 16] >> 4); }
 #ifdef TIDE_AVX2
-  static inline void widen(const uint8_t* p, __m256 w[4]) {
+  // Codes 0..31 of the block as floats in kV vectors (element j: low nibble of byte j, then the high nibbles).
+  static inline void widen(const uint8_t* p, vf w[kV]) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, mask);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+#ifdef TIDE_AVX512
+    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+    w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+#else
     w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
     w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
     w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
     w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+#endif
   }
 #endif
 };
@@ -47,35 +87,33 @@ struct Q80 {
   static constexpr int kBytes = 32;
   static inline float code(const uint8_t* p, int j) { return static_cast<int8_t>(p[j]); }
 #ifdef TIDE_AVX2
-  static inline void widen(const uint8_t* p, __m256 w[4]) {
-    for (int i = 0; i < 4; ++i) {
+  static inline void widen(const uint8_t* p, vf w[kV]) {
+    for (int i = 0; i < kV; ++i) {
+#ifdef TIDE_AVX512
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i));
+      w[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+#else
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i));
       w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+#endif
     }
   }
 #endif
 };
 
 #ifdef TIDE_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One weight row (nb blocks; m is null for Q8_0) against ROWS input rows: res[r] = W_n . x_r. The block is
-// widened once (w = d * q + m), then each input row costs four FMAs. A row's FMAs chain through its
+// widened once (w = d * q + m), then each input row costs kV FMAs. A row's FMAs chain through its
 // accumulator, so with few rows each row gets A accumulators to keep both FMA pipes busy.
 template <class F>
-inline void widen_block(const uint8_t* q, const float* d, const float* m, int64_t b, __m256 w[4]) {
+inline void widen_block(const uint8_t* q, const float* d, const float* m, int64_t b, vf w[kV]) {
   F::widen(q + b * F::kBytes, w);
-  const __m256 scale = _mm256_broadcast_ss(d + b);
+  const vf scale = vset1(d + b);
   if (m != nullptr) {
-    const __m256 shift = _mm256_broadcast_ss(m + b);
-    for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], scale, shift);
+    const vf shift = vset1(m + b);
+    for (int i = 0; i < kV; ++i) w[i] = vfma(w[i], scale, shift);
   } else {
-    for (int i = 0; i < 4; ++i) w[i] = _mm256_mul_ps(w[i], scale);
+    for (int i = 0; i < kV; ++i) w[i] = vmul(w[i], scale);
   }
 }
 
@@ -83,25 +121,26 @@ inline void widen_block(const uint8_t* q, const float* d, const float* m, int64_
 // consecutive blocks never wait on each other's FMAs.
 template <class F>
 inline void row_dot1(const float* x, int64_t nb, const uint8_t* q, const float* d, const float* m, float* res) {
-  __m256 acc0[4], acc1[4];
-  for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  vf acc0[kV], acc1[kV];
+  for (int i = 0; i < kV; ++i) acc0[i] = acc1[i] = vzero();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    __m256 w0[4], w1[4];
+    vf w0[kV], w1[kV];
     widen_block<F>(q, d, m, b, w0);
     widen_block<F>(q, d, m, b + 1, w1);
-    for (int i = 0; i < 4; ++i) {
-      acc0[i] = _mm256_fmadd_ps(w0[i], _mm256_loadu_ps(x + b * kBlock + 8 * i), acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(w1[i], _mm256_loadu_ps(x + (b + 1) * kBlock + 8 * i), acc1[i]);
+    for (int i = 0; i < kV; ++i) {
+      acc0[i] = vfma(w0[i], vload(x + b * kBlock + kLanes * i), acc0[i]);
+      acc1[i] = vfma(w1[i], vload(x + (b + 1) * kBlock + kLanes * i), acc1[i]);
     }
   }
   if (b < nb) {
-    __m256 w0[4];
+    vf w0[kV];
     widen_block<F>(q, d, m, b, w0);
-    for (int i = 0; i < 4; ++i) acc0[i] = _mm256_fmadd_ps(w0[i], _mm256_loadu_ps(x + b * kBlock + 8 * i), acc0[i]);
+    for (int i = 0; i < kV; ++i) acc0[i] = vfma(w0[i], vload(x + b * kBlock + kLanes * i), acc0[i]);
   }
-  for (int i = 0; i < 4; ++i) acc0[i] = _mm256_add_ps(acc0[i], acc1[i]);
-  *res = hsum(_mm256_add_ps(_mm256_add_ps(acc0[0], acc0[1]), _mm256_add_ps(acc0[2], acc0[3])));
+  vf total = vzero();
+  for (int i = 0; i < kV; ++i) total = vadd(total, vadd(acc0[i], acc1[i]));
+  *res = vsum(total);
 }
 
 template <class F, int ROWS>
@@ -111,21 +150,22 @@ inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, c
     row_dot1<F>(x, nb, q, d, m, res);
     return;
   }
-  constexpr int A = ROWS == 2 ? 4 : (ROWS <= 4 ? 2 : 1);
-  __m256 acc[ROWS][A];
+  // Accumulators per row (at most one per vector of the block): about eight FMA chains in flight.
+  constexpr int A = 8 / ROWS < 1 ? 1 : (8 / ROWS > kV ? kV : 8 / ROWS);
+  vf acc[ROWS][A];
   for (int r = 0; r < ROWS; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+    for (int a = 0; a < A; ++a) acc[r][a] = vzero();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256 w[4];
+    vf w[kV];
     widen_block<F>(q, d, m, b, w);
     for (int r = 0; r < ROWS; ++r) {
       const float* xp = x + r * ldx + b * kBlock;
-      for (int i = 0; i < 4; ++i) acc[r][i % A] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + 8 * i), acc[r][i % A]);
+      for (int i = 0; i < kV; ++i) acc[r][i % A] = vfma(w[i], vload(xp + kLanes * i), acc[r][i % A]);
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    for (int a = 1; a < A; ++a) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
-    res[r] = hsum(acc[r][0]);
+    for (int a = 1; a < A; ++a) acc[r][0] = vadd(acc[r][0], acc[r][a]);
+    res[r] = vsum(acc[r][0]);
   }
 }
 #else
@@ -177,9 +217,17 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-#ifdef TIDE_AVX2
-inline void store(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
-inline void store(uint16_t* o, __m256 v) {
+#if defined(TIDE_AVX512)
+inline void store(float* o, vf v) { _mm512_storeu_ps(o, v); }
+inline void store(uint16_t* o, vf v) {
+  __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(b));
+}
+#elif defined(TIDE_AVX2)
+inline void store(float* o, vf v) { _mm256_storeu_ps(o, v); }
+inline void store(uint16_t* o, vf v) {
   __m256i b = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
   b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
@@ -201,11 +249,12 @@ void dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_
       const int64_t i = n * nb + b;
       T* o = out + n * K + b * kBlock;
 #ifdef TIDE_AVX2
-      __m256 w[4];
+      vf w[kV];
       F::widen(q + i * F::kBytes, w);
-      const __m256 scale = _mm256_set1_ps(d[i]);
-      const __m256 shift = _mm256_set1_ps(m != nullptr ? m[i] : 0.f);
-      for (int j = 0; j < 4; ++j) store(o + 8 * j, _mm256_add_ps(_mm256_mul_ps(w[j], scale), shift));
+      const float zero = 0.f;
+      const vf scale = vset1(d + i);
+      const vf shift = vset1(m != nullptr ? m + i : &zero);
+      for (int j = 0; j < kV; ++j) store(o + kLanes * j, vadd(vmul(w[j], scale), shift));
 #else
       for (int j = 0; j < kBlock; ++j)
         store1(o + j, d[i] * F::code(q + i * F::kBytes, j) + (m != nullptr ? m[i] : 0.f));
@@ -244,65 +293,121 @@ void rms_norm(T* x, const T* residual, const T* w, float eps, int64_t M, int64_t
   }
 }
 
+// exp for x <= 0 (softmax after subtracting the max), written so that `omp simd` loops vectorize it: Cody-Waite
+// reduction x = n ln2 + r, a degree-6 polynomial for e^r, then 2^n through the exponent bits. Within 2 ulp of
+// std::exp; inputs below -87 give about 1.6e-38 instead of a denormal or zero (weight ~0 either way).
+#pragma omp declare simd
+inline float exp_nonpos(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
 // Decode attention straight from the paged cache: one query token per request, reading only the request's
 // blocks (no gathered copy). q row b sits at q + rows[b] * q_stride as [H, D]; out row at out + rows[b] * H * D.
-// kv: [2, num_blocks, block_size, Hkv, D]; block_table [B, max_blocks]; seq_lens [B] (keys 0..len-1).
-// T is the element type of q, kv and out (float, or uint16_t holding bf16); the math is fp32.
-template <class T>
+// kv: [2, num_blocks, block_size, Hkv, D]; block_table [B, max_blocks] indexed by position; seq_lens [B]
+// (keys 0..len-1). window > 0 (sliding-window layers): the query at position len-1 sees only keys at positions
+// > len-1-window, i.e. the last `window` keys; blocks before them are never touched (the scheduler may have
+// handed them to another request). T is the element type of q, kv and out (float, or uint16_t holding bf16);
+// the math is fp32. Each (request, KV head) pair is one task: its G query heads share every key and value
+// row, which is widened to fp32 once.
+// DC is the head size when known at compile time (the common 64/128/256: the per-row loops unroll completely,
+// which doubles the speed of these short loops), else 0 and D is read at run time.
+template <class T, int DC>
 void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv, int64_t num_blocks,
                   int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
-                  int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, T* out) {
+                  int64_t window, int64_t B, int64_t H, int64_t Hkv, int64_t D_, float scale, T* out) {
+  const int64_t D = DC > 0 ? DC : D_;
   const int64_t G = H / Hkv;
   const int64_t tok_stride = Hkv * D;
   const T* vbase = kv + num_blocks * block_size * tok_stride;
   // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
   // when the API process or a client holds a core, so small batches stay on this thread.
   int64_t keys = 0;
-  for (int64_t b = 0; b < B; ++b) keys += seq_lens[b];
+  for (int64_t b = 0; b < B; ++b) keys += window > 0 && seq_lens[b] > window ? window : seq_lens[b];
 #pragma omp parallel if (keys * Hkv > 4096)
   {
-    std::vector<float> scores, qf(G * D), of(G * D);
+    std::vector<float> scores, qf(G * D), of(G * D), row(D);
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t L = seq_lens[b];
+        const int64_t first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
+        const int64_t L = seq_lens[b] - first;  // keys first .. seq_len-1, scores indexed from 0
         scores.resize(G * L);
         const int64_t* table = block_table + b * max_blocks;
         const T* qh = q + rows[b] * q_stride + h * G * D;
-        for (int64_t i = 0; i < G * D; ++i) qf[i] = ld(qh, i);
+        for (int64_t i = 0; i < G * D; ++i) qf[i] = ld(qh, i) * scale;
+        float* kr = row.data();
+        // Positions walk block by block (no division per key): slot = table[blk] * block_size + j.
+        int64_t blk = first / block_size, j = first % block_size;
         for (int64_t t = 0; t < L; ++t) {
-          const T* k = kv + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
+          const T* k = kv + (table[blk] * block_size + j) * tok_stride + h * D;
+          if (++j == block_size) j = 0, ++blk;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) kr[i] = ld(k, i);
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = qf.data() + g * D;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < D; ++i) s += qg[i] * ld(k, i);
-            scores[g * L + t] = s * scale;
+            for (int64_t i = 0; i < D; ++i) s += qg[i] * kr[i];
+            scores[g * L + t] = s;
           }
         }
-        T* oh = out + rows[b] * H * D + h * G * D;
         for (int64_t g = 0; g < G; ++g) {
           float* sg = scores.data() + g * L;
           float mx = sg[0];
-          for (int64_t t = 1; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
+#pragma omp simd reduction(max : mx)
+          for (int64_t t = 0; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
           float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < L; ++t) {
-            sg[t] = std::exp(sg[t] - mx);
+            sg[t] = exp_nonpos(sg[t] - mx);
             sum += sg[t];
           }
           const float inv = 1.0f / sum;
-          float* og = of.data() + g * D;
-          for (int64_t i = 0; i < D; ++i) og[i] = 0.f;
-          for (int64_t t = 0; t < L; ++t) {
-            const T* v = vbase + (table[t / block_size] * block_size + t % block_size) * tok_stride + h * D;
-            const float p = sg[t] * inv;
 #pragma omp simd
-            for (int64_t i = 0; i < D; ++i) og[i] += p * ld(v, i);
+          for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+        }
+        for (int64_t i = 0; i < G * D; ++i) of[i] = 0.f;
+        blk = first / block_size, j = first % block_size;
+        for (int64_t t = 0; t < L; ++t) {
+          const T* v = vbase + (table[blk] * block_size + j) * tok_stride + h * D;
+          if (++j == block_size) j = 0, ++blk;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) kr[i] = ld(v, i);
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * L + t];
+            float* og = of.data() + g * D;
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) og[i] += p * kr[i];
           }
         }
+        T* oh = out + rows[b] * H * D + h * G * D;
         for (int64_t i = 0; i < G * D; ++i) store1(oh + i, of[i]);
       }
   }
+}
+
+template <class T>
+void paged_decode_any(const T* q, int64_t q_stride, const int64_t* rows, const T* kv, int64_t num_blocks,
+                      int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
+                      int64_t window, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, T* out) {
+  auto fn = D == 64 ? paged_decode<T, 64> : D == 128 ? paged_decode<T, 128> : D == 256 ? paged_decode<T, 256>
+                                                                                     : paged_decode<T, 0>;
+  fn(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, window, B, H, Hkv, D, scale,
+     out);
 }
 
 }  // namespace
@@ -347,23 +452,26 @@ void tide_rms_norm_bf16(uint16_t* x, const uint16_t* residual, const uint16_t* w
   rms_norm(x, residual, w, eps, M, H, out);
 }
 
+
 void tide_paged_decode(const float* q, int64_t q_stride, const int64_t* rows, const float* kv, int64_t num_blocks,
                        int64_t block_size, const int64_t* block_table, int64_t max_blocks, const int64_t* seq_lens,
-                       int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
-  paged_decode(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, B, H, Hkv, D,
-               scale, out);
+                       int64_t window, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float* out) {
+  paged_decode_any(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, window, B, H,
+                   Hkv, D, scale, out);
 }
 
 void tide_paged_decode_bf16(const uint16_t* q, int64_t q_stride, const int64_t* rows, const uint16_t* kv,
                             int64_t num_blocks, int64_t block_size, const int64_t* block_table, int64_t max_blocks,
-                            const int64_t* seq_lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale,
-                            uint16_t* out) {
-  paged_decode(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, B, H, Hkv, D,
-               scale, out);
+                            const int64_t* seq_lens, int64_t window, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                            float scale, uint16_t* out) {
+  paged_decode_any(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, window, B, H,
+                   Hkv, D, scale, out);
 }
 
 int tide_simd_level() {
-#ifdef TIDE_AVX2
+#if defined(TIDE_AVX512)
+  return 3;
+#elif defined(TIDE_AVX2)
   return 2;
 #else
   return 0;
