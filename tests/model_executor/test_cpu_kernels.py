@@ -240,12 +240,13 @@ def _windowed_reference(q, kv, table, seq_lens, rows, window, scale):
     return out
 
 
+@pytest.mark.parametrize("dim", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_sliding_window_reads_only_the_window(dtype: torch.dtype) -> None:
+def test_paged_decode_sliding_window_reads_only_the_window(dtype: torch.dtype, dim: int) -> None:
     """window > 0: keys at positions > len - 1 - window only; blocks wholly before the window (here filled
     with NaN, as if handed to another request) are never read, by the kernel or the gather path."""
     torch.manual_seed(3)
-    heads, kv_heads, dim, bs, window = 4, 2, 16, 4, 6
+    heads, kv_heads, bs, window = 4, 2, 4, 6
     seq_lens = np.array([17, 5, 11, 6, 7])  # 5 and 6 fit the window; 7 starts it mid-block
     table = np.random.default_rng(1).permutation(40)[:25].reshape(5, 5)
     kv = torch.randn(2, 40, bs, kv_heads, dim)

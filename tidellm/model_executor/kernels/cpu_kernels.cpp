@@ -323,6 +323,65 @@ inline float exp_nonpos(float x) {
 // handed them to another request). T is the element type of q, kv and out (float, or uint16_t holding bf16);
 // the math is fp32. Each (request, KV head) pair is one task: its G query heads share every key and value
 // row, which is widened to fp32 once.
+#ifdef TIDE_AVX2
+// kLanes consecutive elements as fp32 (bf16 widens by a shift into the high half).
+inline vf vloadT(const float* p) { return vload(p); }
+inline vf vloadT(const uint16_t* p) {
+#if defined(TIDE_AVX512)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+#else
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#endif
+}
+inline vf vbcast(float x) { return vset1(&x); }
+
+// One (request, KV head) task of paged_decode with the head size D a compile-time multiple of kLanes: every
+// dot product and every output row lives in registers (no per-element stores), and the key/value rows are
+// read straight from the cache (a task's rows, L x D, stay in L1/L2 between the per-head passes).
+template <class T, int D>
+inline void decode_task_vec(const float* qf, const T* kv_h, const T* v_h, const int64_t* table, int64_t block_size,
+                            int64_t tok_stride, int64_t first, int64_t L, int64_t G, float* scores, T* oh) {
+  constexpr int C = D / kLanes;
+  for (int64_t g = 0; g < G; ++g) {
+    vf qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = vload(qf + g * D + c * kLanes);
+    float* sg = scores + g * L;
+    int64_t blk = first / block_size, j = first % block_size;
+    for (int64_t t = 0; t < L; ++t) {
+      const T* k = kv_h + (table[blk] * block_size + j) * tok_stride;
+      if (++j == block_size) j = 0, ++blk;
+      vf a0 = vzero(), a1 = vzero();
+      for (int c = 0; c + 1 < C; c += 2) {
+        a0 = vfma(qv[c], vloadT(k + c * kLanes), a0);
+        a1 = vfma(qv[c + 1], vloadT(k + (c + 1) * kLanes), a1);
+      }
+      if (C % 2) a0 = vfma(qv[C - 1], vloadT(k + (C - 1) * kLanes), a0);
+      sg[t] = vsum(vadd(a0, a1));
+    }
+    float mx = sg[0];
+    for (int64_t t = 1; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) sg[t] = exp_nonpos(sg[t] - mx);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < L; ++t) sum += sg[t];
+    vf acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = vzero();
+    blk = first / block_size, j = first % block_size;
+    for (int64_t t = 0; t < L; ++t) {
+      const T* v = v_h + (table[blk] * block_size + j) * tok_stride;
+      if (++j == block_size) j = 0, ++blk;
+      const vf p = vbcast(sg[t]);
+      for (int c = 0; c < C; ++c) acc[c] = vfma(p, vloadT(v + c * kLanes), acc[c]);
+    }
+    const vf inv = vbcast(1.0f / sum);
+    for (int c = 0; c < C; ++c) store(oh + g * D + c * kLanes, vmul(acc[c], inv));
+  }
+}
+#endif
+
 // DC is the head size when known at compile time (the common 64/128/256: the per-row loops unroll completely,
 // which doubles the speed of these short loops), else 0 and D is read at run time.
 template <class T, int DC>
@@ -349,6 +408,13 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
         const int64_t* table = block_table + b * max_blocks;
         const T* qh = q + rows[b] * q_stride + h * G * D;
         for (int64_t i = 0; i < G * D; ++i) qf[i] = ld(qh, i) * scale;
+#ifdef TIDE_AVX2
+        if constexpr (DC > 0 && DC % kLanes == 0) {
+          decode_task_vec<T, DC>(qf.data(), kv + h * D, vbase + h * D, table, block_size, tok_stride, first, L, G,
+                                 scores.data(), out + rows[b] * H * D + h * G * D);
+          continue;
+        }
+#endif
         float* kr = row.data();
         // Positions walk block by block (no division per key): slot = table[blk] * block_size + j.
         int64_t blk = first / block_size, j = first % block_size;
