@@ -122,3 +122,56 @@ def test_reset_prefix_cache_and_double_free():
     assert pool.reset_prefix_cache() and pool.cached == {}
     with pytest.raises(RuntimeError, match="double free"):
         pool.free_blocks([blocks[0]])
+
+
+def test_sliding_window_releases_blocks_behind_the_window():
+    """window 6, blocks of 4: once the next query is at position p, blocks wholly before p - 5 go back to the
+    pool (oldest first); their ids stay in the table as placeholders and their hashes stay hittable."""
+    kv = KVCacheManager(num_blocks=10, block_size=BS, sliding_window=6)
+    a = make_req("a", list(range(20)))
+    assert [b.block_id for b in kv.allocate_slots(a, 8)] == [0, 1]  # positions 0..7
+    a.num_computed_tokens = 8
+    assert [b.block_id for b in kv.allocate_slots(a, 8)] == [2, 3]  # query 8 sees 3..8: block 0 still live
+    assert kv.num_held_blocks("a") == 4
+    a.num_computed_tokens = 16
+    assert [b.block_id for b in kv.allocate_slots(a, 4)] == [4]  # query 16 sees 11..16: blocks 0, 1 go
+    assert kv.get_block_ids("a") == [0, 1, 2, 3, 4] and kv.num_held_blocks("a") == 3
+    assert kv.pool.free_block_ids() == [5, 6, 7, 8, 9, 0, 1]
+    assert [kv.pool.blocks[i].ref_cnt for i in range(5)] == [0, 0, 1, 1, 1]
+    assert len(kv.pool.cached) == 5  # released blocks keep their hashes
+    kv.free(a)  # only the held ones, tail first
+    assert kv.pool.free_block_ids() == [5, 6, 7, 8, 9, 0, 1, 4, 3, 2]
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+    # The same prompt hits 4 blocks; the query at 16 cannot read blocks 0 and 1, so they are not taken.
+    b = make_req("b", list(range(20)))
+    hits, n_hit = kv.get_computed_blocks(b)
+    assert [h.block_id for h in hits] == [0, 1, 2, 3] and n_hit == 16
+    assert [x.block_id for x in kv.allocate_slots(b, 4, hits, n_hit)] == [5]
+    assert kv.get_block_ids("b") == [0, 1, 2, 3, 5] and kv.num_held_blocks("b") == 3
+    assert [kv.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3, 5)] == [0, 0, 1, 1, 1]
+    assert kv.pool.free_block_ids() == [6, 7, 8, 9, 0, 1, 4]
+    kv.free(b)
+    assert kv.pool.free_block_ids() == [6, 7, 8, 9, 0, 1, 4, 5, 3, 2]
+
+
+def test_sliding_window_allocation_counts_only_taken_hits():
+    """Hits behind the window are neither taken nor counted against the free list (4 free blocks, where
+    taking all 4 hits and a new block would need 5), and may then be evicted like any free block."""
+    kv = KVCacheManager(num_blocks=6, block_size=BS, sliding_window=4)
+    a = make_req("a", list(range(17)))
+    kv.allocate_slots(a, 17)
+    kv.free(a)  # blocks 0..3 cached; free list 5, then a's blocks tail first
+    blocker = make_req("x", [90 + i for i in range(8)])
+    assert [b.block_id for b in kv.allocate_slots(blocker, 8)] == [5, 4]
+    b = make_req("b", list(range(16)) + [77])
+    hits, n_hit = kv.get_computed_blocks(b)
+    assert [h.block_id for h in hits] == [0, 1, 2, 3] and n_hit == 16
+    # The query at 16 sees 13..16: only block 3 is taken; the new block evicts skipped hit 2.
+    assert [x.block_id for x in kv.allocate_slots(b, 1, hits, n_hit)] == [2]
+    assert kv.get_block_ids("b") == [0, 1, 2, 3, 2] and kv.num_held_blocks("b") == 2
+    assert kv.pool.free_block_ids() == [1, 0] and kv.pool.num_evictions == 1
+    kv.free(b)
+    assert kv.pool.free_block_ids() == [1, 0, 2, 3]
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        KVCacheManager(num_blocks=2, block_size=BS, sliding_window=0)

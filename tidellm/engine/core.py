@@ -11,6 +11,7 @@ from tidellm.config import EngineConfig
 from tidellm.core.request import Request, RequestStatus
 from tidellm.core.sched.scheduler import Scheduler
 from tidellm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from tidellm.model_executor.layers.attention import uniform_sliding_window
 from tidellm.model_executor.loader import ModelSource, load_model_source
 from tidellm.platforms import device_summary, resolve_device, resolve_dtype
 from tidellm.worker.model_runner import ModelRunner, seed_everything
@@ -35,7 +36,10 @@ class EngineCore:
         self.runner = ModelRunner(config, source, device, dtype)
         plan = self.runner.kv_plan
         self.max_model_len = plan.max_model_len
-        self.scheduler = Scheduler(config.scheduler, config.cache, plan.num_blocks, plan.max_model_len)
+        window = uniform_sliding_window(self.runner.model)  # out-of-window blocks are freed early
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, plan.num_blocks, plan.max_model_len, sliding_window=window
+        )
         self.startup_seconds = time.perf_counter() - t0
         logger.info("Model %s", source.description)
         logger.info(

@@ -59,7 +59,11 @@ class LlamaAttention(nn.Module):
         kw = dict(bias=arch.attention_bias, dtype=dtype, device=device)
         self.qkv_proj = QKVLinear(arch.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, **kw)
         self.o_proj = Linear(self.num_heads * self.head_dim, arch.hidden_size, **kw)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_idx)
+        # transformers slides every layer of Mistral; the other families refuse a window (_check_supported).
+        window = arch.sliding_window if arch.model_type == "mistral" else None
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.num_kv_heads, layer_idx, sliding_window=window
+        )
 
     def forward(self, hidden: torch.Tensor, cos_sin: RotaryCosSin) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -177,7 +181,8 @@ def _check_supported(arch: ArchConfig) -> None:
     """Refuse family features this class does not implement rather than compute something else."""
     if arch.qk_norm:
         raise ValueError(f"{arch.architecture}: q/k norm (qk_norm=True) is not supported by the llama model")
-    if arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings:
+    windowed = arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings
+    if windowed and arch.model_type != "mistral":  # Mistral slides every layer (LlamaAttention)
         raise ValueError(
             f"{arch.architecture}: sliding-window attention (sliding_window={arch.sliding_window}) is not "
             "supported yet"

@@ -30,7 +30,9 @@ class Attention(nn.Module):
     """Multi-head / grouped-query attention over layer ``layer_idx``'s paged KV cache.
 
     The KV caches and the step's metadata come from the forward context, so the model's ``forward`` keeps
-    the Hugging Face shape ``forward(input_ids, positions)``."""
+    the Hugging Face shape ``forward(input_ids, positions)``. With ``sliding_window`` W a query at position
+    p attends only to keys at positions > p - W (transformers' Mistral / Gemma 3 convention), and reads no
+    block older than that."""
 
     def __init__(
         self,
@@ -40,16 +42,20 @@ class Attention(nn.Module):
         layer_idx: int,
         scale: float | None = None,
         backend: AttentionBackend = paged_sdpa_attention,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None (got {sliding_window})")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.layer_idx = layer_idx
         self.scale = head_dim**-0.5 if scale is None else scale
         self.backend = backend
+        self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
@@ -57,7 +63,21 @@ class Attention(nn.Module):
         kv_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.attn_metadata
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
-        return self.backend(q, k, v, kv_cache, meta, self.scale)
+        return self.backend(q, k, v, kv_cache, meta.for_window(self.sliding_window), self.scale)
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, layer={self.layer_idx}"
+        window = "" if self.sliding_window is None else f", sliding_window={self.sliding_window}"
+        return (
+            f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"layer={self.layer_idx}{window}"
+        )
+
+
+def uniform_sliding_window(model: nn.Module) -> int | None:
+    """The window within which every attention layer of ``model`` attends (the widest, if they differ), or
+    None when any layer sees the whole context. Blocks behind that window can never be read again, so the
+    KV-cache manager may hand them back; decided from the built model so it always agrees with its layers."""
+    windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)

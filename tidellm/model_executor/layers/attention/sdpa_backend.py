@@ -11,6 +11,9 @@ reads it; on GPUs there is one chunk.
 
 Prefill chunks run one request at a time: without a cached prefix on their own fresh K/V with
 ``is_causal``; with one, on their blocks gathered from the cache and a causal mask shifted by the prefix.
+
+Sliding-window layers get metadata already cut to their window (``AttentionMetadata.for_window``): the kernel
+starts at each request's window, the gathers take only the window's blocks, and the masks drop older keys.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def paged_sdpa_attention(
     if meta.decode is not None:
         if _use_cpu_kernel(q, kv_cache):
             d = meta.decode
-            cpu_kernels.paged_decode(q, d.rows, kv_cache, d.block_ids, d.seq_lens, scale, out)
+            cpu_kernels.paged_decode(q, d.rows, kv_cache, d.block_table, d.seq_lens, scale, out, d.window)
         else:
             _decode(q, kv_cache, meta, meta.decode, scale, out)
     for p in meta.prefills:
@@ -47,9 +50,11 @@ def paged_sdpa_attention(
         if p.block_ids is None:
             kp = k[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, q_len, D]
             vp = v[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
+            )
         else:
-            kp, vp = (_gather_blocks(kv_cache[i], p.block_ids, p.seq_len).unsqueeze(0) for i in (0, 1))
+            kp, vp = (_gather_blocks(kv_cache[i], p.block_ids, p.num_keys).unsqueeze(0) for i in (0, 1))
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.token_start : p.token_end] = o[0].transpose(0, 1)  # [q_len, H, D]
     return out.view(num_tokens, num_heads * head_dim)
@@ -99,7 +104,7 @@ def _decode(
     else:
         rows = d.num_reqs
     shape = (2, rows * num_blocks_per_req, block_size, num_kv_heads, head_dim)
-    buf = meta.buffer(("decode_kv",), shape, kv_cache.dtype, kv_cache.device)
+    buf = meta.buffer(("decode_kv", d.window), shape, kv_cache.dtype, kv_cache.device)
     for s in range(0, d.num_reqs, rows):
         e = min(s + rows, d.num_reqs)
         n = e - s
