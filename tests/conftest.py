@@ -44,18 +44,17 @@ def smollm2_tokenizer(smollm2_source):
     return smollm2_source.tokenizer
 
 
-@pytest.fixture(scope="session")
-def hf_reference(smollm2_source):
-    """transformers' LlamaForCausalLM in fp32 on the same (dequantized) weights."""
+def gguf_hf_reference(name: str, gguf_path: Path):
+    """transformers' model in fp32 on a GGUF file's (dequantized) weights. transformers reads GGUF slowly,
+    so the converted model is cached as a safetensors folder under the tidellm cache, keyed by ``name``."""
     from transformers import AutoModelForCausalLM
 
-    ref_dir = _cache_root() / "test-reference" / f"{MODEL}-hf-fp32"
+    ref_dir = _cache_root() / "test-reference" / f"{name}-hf-fp32"
     if not (ref_dir / "config.json").exists():
-        path = Path(smollm2_source.path)
         from safetensors.torch import save_model
 
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
         )
         # save_pretrained refuses GGUF-"quantized" models; the weights are plain fp32 by now, so write them
         # ourselves and reload as an ordinary HF folder (fast on later runs).
@@ -68,6 +67,19 @@ def hf_reference(smollm2_source):
     model = AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def hf_reference(smollm2_source):
+    """transformers' LlamaForCausalLM in fp32 on the same (dequantized) weights."""
+    return gguf_hf_reference(MODEL, Path(smollm2_source.path))
+
+
+@pytest.fixture(scope="session")
+def gguf_reference():
+    """``gguf_reference(name, path)``: the cached transformers fp32 reference of a GGUF model (test modules
+    cannot import conftest, so the function is handed out as a fixture)."""
+    return gguf_hf_reference
 
 
 @pytest.fixture(scope="session")

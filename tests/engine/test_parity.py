@@ -8,7 +8,7 @@ sampled tokens' logprobs must match transformers' log-softmax. The same holds un
 from __future__ import annotations
 
 import pytest
-import torch
+from parity_utils import check_outputs, hf_greedy
 
 from tidellm import LLM, SamplingParams
 
@@ -50,48 +50,19 @@ def prompts(smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def reference(hf_reference, prompts, smollm2_tokenizer):
     """Greedy tokens and per-step log-softmax of the sampled token, from transformers, one prompt at a time."""
-    eos = smollm2_tokenizer.eos_token_ids
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            gen = hf_reference.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=MAX_NEW,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos[0],
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            tokens = gen.sequences[0, len(ids) :].tolist()
-            lps = [
-                torch.log_softmax(lg[0].float(), -1)[t].item()
-                for lg, t in zip(gen.logits, tokens, strict=True)
-            ]
-            out.append((tokens, lps))
-    return out
+    return hf_greedy(hf_reference, prompts, MAX_NEW, smollm2_tokenizer.eos_token_ids)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0)
 
 
-def _check(outputs, reference, *, logprob_tol: float | None = 1e-3):
-    for i, (out, (ref_tokens, ref_lps)) in enumerate(zip(outputs, reference, strict=True)):
-        got = out.outputs[0].token_ids
-        assert got == ref_tokens, f"prompt {i}: {got} != {ref_tokens}"
-        if logprob_tol is not None:
-            lps = [lp_dict[t].logprob for lp_dict, t in zip(out.outputs[0].logprobs, got, strict=True)]
-            assert lps == pytest.approx(ref_lps, abs=logprob_tol), f"prompt {i}"
-
-
 def test_each_prompt_alone(llm_fp32, prompts, reference):
     outputs = [llm_fp32.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]
-    _check(outputs, reference)
+    check_outputs(outputs, reference)
 
 
 def test_all_prompts_in_one_batch(llm_fp32, prompts, reference):
-    _check(llm_fp32.generate(prompts, GREEDY, use_tqdm=False), reference)
+    check_outputs(llm_fp32.generate(prompts, GREEDY, use_tqdm=False), reference)
 
 
 def test_tiny_token_budget_chunked_prefill(prompts, reference):
@@ -102,7 +73,7 @@ def test_tiny_token_budget_chunked_prefill(prompts, reference):
         max_model_len=2048,
         max_num_batched_tokens=16,
     )
-    _check(llm.generate(prompts, GREEDY, use_tqdm=False), reference)
+    check_outputs(llm.generate(prompts, GREEDY, use_tqdm=False), reference)
 
 
 def test_prefix_cache_hits_give_identical_output(prompts, reference):
@@ -113,8 +84,8 @@ def test_prefix_cache_hits_give_identical_output(prompts, reference):
     hits = llm.engine.core.scheduler.kv.stats.hits - stats0
     assert hits > 0
     assert sum(o.num_cached_tokens for o in again) == hits
-    _check(first, reference)
-    _check(again, reference)
+    check_outputs(first, reference)
+    check_outputs(again, reference)
 
 
 def test_tiny_kv_pool_forces_preemption(prompts, reference):
@@ -129,7 +100,7 @@ def test_tiny_kv_pool_forces_preemption(prompts, reference):
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.engine.core.scheduler.num_preemptions > 0
     assert all(o.finished for o in outputs)
-    _check(outputs, reference)
+    check_outputs(outputs, reference)
 
 
 def test_bf16_runs_and_mostly_agrees(prompts, reference):

@@ -54,7 +54,12 @@ def random_hf_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM
     )
     kw.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).float().eval()
+    return randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)))
+
+
+def randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """fp32 eval mode, norm weights near one, everything else N(0, 0.15) (biases included)."""
+    model = model.float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -125,16 +130,19 @@ LLAMA3_ROPE = {
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _build(hf, dtype: torch.dtype, device: str):
-    arch = arch_from_hf(hf.config)
+def _build(hf, dtype: torch.dtype, device: str, arch: ArchConfig | None = None):
+    arch = arch_from_hf(hf.config) if arch is None else arch
     model = get_model_class(arch)(arch, dtype=dtype, device=torch.device(device))
     model.load_weights(hf.state_dict().items())
     kv = allocate_kv_caches(arch, 48, BLOCK_SIZE, dtype, torch.device(device))
     return model.eval(), kv
 
 
-def _run_engine(hf, dtype: torch.dtype, device: str, atol: float, rtol: float = 0.0) -> None:
-    model, kv = _build(hf, dtype, device)
+def _run_engine(
+    hf, dtype: torch.dtype, device: str, atol: float, rtol: float = 0.0, arch: ArchConfig | None = None
+) -> None:
+    """Our model (built from ``arch``, default: derived from the llama config) vs ``hf``'s logits."""
+    model, kv = _build(hf, dtype, device, arch)
     sim = EngineSim(model, kv, BLOCK_SIZE, torch.device(device))
     g = torch.Generator().manual_seed(1)
     vocab = hf.config.vocab_size
@@ -266,8 +274,8 @@ def test_registry() -> None:
 
 def test_unsupported_family_features_raise() -> None:
     arch = arch_from_hf(random_hf_llama().config)
-    arch.rope_scaling = {"rope_type": "yarn", "factor": 2.0}
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+    arch.rope_scaling = {"rope_type": "proportional", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope_scaling type 'proportional' is not supported"):
         get_model_class(arch)(arch)
     arch.rope_scaling = {"rope_type": "llama3", "factor": 8.0}
     with pytest.raises(ValueError, match="lacks the key 'low_freq_factor'"):

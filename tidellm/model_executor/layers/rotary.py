@@ -2,6 +2,16 @@
 the step's positions once per forward, and applied to q and k together.
 
 Dimension ``i < D/2`` is rotated with dimension ``i + D/2`` by angle ``position * inv_freq[i]``.
+
+RoPE scaling follows ``transformers.modeling_rope_utils`` (linear, dynamic NTK, YaRN, Llama 3, LongRoPE).
+Two of them depend on the length of the sequence in transformers, which recomputes the frequencies for
+each forward from ``max(position) + 1``: dynamic NTK (above ``max_position_embeddings``) and LongRoPE
+(short factors up to ``original_max_position_embeddings``, long ones above). A paged KV cache keeps keys
+rotated once, so here every position has fixed frequencies: row ``p`` of the table uses what transformers
+uses for a forward whose last position is ``p``. That equals transformers on any sequence that stays within
+the first regime (dynamic NTK: ``max_position_embeddings``; LongRoPE: ``original_max_position_embeddings``)
+and equals its token-by-token decoding beyond it; a single transformers forward over a longer sequence
+instead re-rotates the early positions with the later frequencies.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
@@ -21,20 +31,41 @@ def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
     return str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
 
 
-def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [D/2] in fp32 after the checkpoint's rope scaling."""
+def _base_inv_freq(head_dim: int, base: float | torch.Tensor) -> torch.Tensor:
+    """Unscaled inverse frequencies: [D/2], or [R, D/2] for a base per row (a [R, 1] tensor)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base**exponent)
+    return 1.0 / (base**exponent)
+
+
+def compute_inv_freq(
+    head_dim: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None,
+    max_position_embeddings: int | None = None,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32 after the checkpoint's rope scaling, for a forward whose sequence
+    is ``seq_len`` long (None: as transformers builds them at load time; only dynamic NTK and LongRoPE
+    depend on it). ``max_position_embeddings`` is the config's (needed by dynamic NTK, and the fallback of
+    ``original_max_position_embeddings``)."""
     kind = _rope_type(rope_scaling)
     cfg = rope_scaling or {}
+    _check_partial_rotary(cfg)
     try:
         if kind == "default":
-            return inv_freq
+            return _base_inv_freq(head_dim, base)
         if kind == "linear":
             # Position interpolation: positions divided by the factor, i.e. every frequency divided by it.
-            return inv_freq / float(cfg["factor"])
+            return _base_inv_freq(head_dim, base) / float(cfg["factor"])
         if kind == "llama3":
-            return _llama3_inv_freq(inv_freq, cfg)
+            return _llama3_inv_freq(_base_inv_freq(head_dim, base), cfg)
+        if kind == "dynamic":
+            max_pos = _required(max_position_embeddings, kind)
+            return _base_inv_freq(head_dim, _ntk_base(base, float(cfg["factor"]), seq_len, max_pos, head_dim))
+        if kind == "yarn":
+            return _yarn_inv_freq(head_dim, base, cfg, _required(max_position_embeddings, kind))
+        if kind == "longrope":
+            return _longrope_inv_freq(head_dim, base, cfg, max_position_embeddings, seq_len)
     except KeyError as e:
         raise ValueError(
             f"rope_scaling of type {kind!r} lacks the key {e}; rope_scaling={rope_scaling}"
@@ -43,6 +74,104 @@ def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | 
         f"rope_scaling type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)}); "
         f"rope_scaling={rope_scaling}"
     )
+
+
+def attention_factor(
+    rope_scaling: dict[str, Any] | None, max_position_embeddings: int | None = None
+) -> float:
+    """The factor YaRN and LongRoPE multiply cos and sin by (1.0 for the other types)."""
+    kind = _rope_type(rope_scaling)
+    cfg = rope_scaling or {}
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if cfg.get("attention_factor") is not None:
+        return float(cfg["attention_factor"])
+    original = _original_len(cfg, max_position_embeddings)
+    factor = _scaling_factor(cfg, max_position_embeddings, original)
+    if kind == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+    def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    mscale, mscale_all_dim = cfg.get("mscale"), cfg.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
+def position_inv_freq(
+    head_dim: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None,
+    max_position_embeddings: int,
+    num_positions: int,
+) -> torch.Tensor:
+    """The frequencies each position is rotated with: [P, D/2], or [1, D/2] when all positions share them
+    (see the module docstring for the length-dependent types)."""
+    kind = _rope_type(rope_scaling)
+    cfg = rope_scaling or {}
+    first = compute_inv_freq(head_dim, base, rope_scaling, max_position_embeddings)[None]  # [1, D/2]
+    if kind == "dynamic" and num_positions > max_position_embeddings:
+        # transformers computes the grown base in fp32 tensors from max(position) + 1: do the same per row.
+        seq_lens = torch.arange(max_position_embeddings + 1, num_positions + 1, dtype=torch.int64)[:, None]
+        grown = _base_inv_freq(
+            head_dim, _ntk_base(base, float(cfg["factor"]), seq_lens, max_position_embeddings, head_dim)
+        )
+        return torch.cat([first.expand(max_position_embeddings, -1), grown])
+    if kind == "longrope":
+        original = _original_len(cfg, max_position_embeddings)
+        if num_positions > original:
+            long = compute_inv_freq(
+                head_dim, base, rope_scaling, max_position_embeddings, seq_len=original + 1
+            )
+            return torch.cat([first.expand(original, -1), long[None].expand(num_positions - original, -1)])
+    return first
+
+
+def _required(value: int | None, kind: str) -> int:
+    if value is None:
+        raise ValueError(f"rope_scaling type {kind!r} needs max_position_embeddings")
+    return value
+
+
+def _check_partial_rotary(cfg: dict[str, Any]) -> None:
+    partial = cfg.get("partial_rotary_factor", 1.0)
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(
+            f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported; only models that "
+            "rotate the whole head (partial_rotary_factor=1.0) are."
+        )
+
+
+def _original_len(cfg: dict[str, Any], max_position_embeddings: int | None) -> int:
+    original = cfg.get("original_max_position_embeddings") or max_position_embeddings
+    if original is None:
+        raise KeyError("original_max_position_embeddings")
+    return int(original)
+
+
+def _scaling_factor(cfg: dict[str, Any], max_position_embeddings: int | None, original: int) -> float:
+    """``factor``, or (as transformers does without it) the ratio of the context lengths."""
+    if cfg.get("factor") is not None:
+        return float(cfg["factor"])
+    if max_position_embeddings is None:
+        raise KeyError("factor")
+    return max_position_embeddings / original
+
+
+def _ntk_base(
+    base: float, factor: float, seq_len: int | torch.Tensor | None, max_pos: int, head_dim: int
+) -> float | torch.Tensor:
+    """Dynamic NTK: the RoPE base grows with the sequence once it is longer than ``max_pos``; an int (or
+    None) computes in double as transformers does at load time, a tensor in fp32 as its forward does."""
+    if seq_len is None:
+        seq_len = max_pos
+    elif isinstance(seq_len, torch.Tensor):
+        seq_len = torch.clamp(seq_len, min=max_pos)
+    else:
+        seq_len = max(seq_len, max_pos)
+    return base * ((factor * seq_len / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
@@ -57,6 +186,46 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tenso
     return torch.where(wavelen < original_len / high, inv_freq, out)
 
 
+def _yarn_inv_freq(head_dim: int, base: float, cfg: dict[str, Any], max_pos: int) -> torch.Tensor:
+    """YaRN: dimensions that turn many times over the original context keep their frequency, those that
+    turn less than once are interpolated by ``factor``, with a linear ramp between (in dimension index)."""
+    if "factor" not in cfg:  # required (transformers too), though it may be None: the context-length ratio
+        raise KeyError("factor")
+    original = _original_len(cfg, max_pos)
+    factor = _scaling_factor(cfg, max_pos, original)
+    fast, slow = cfg.get("beta_fast") or 32, cfg.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns ``rotations`` times over ``original``
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if cfg.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a one-dimension ramp would divide by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # per dimension: 1 keeps the frequency, 0 interpolates it
+    wavelength_scale = base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # 1 / inv_freq
+    return 1.0 / (factor * wavelength_scale) * (1 - keep) + 1.0 / wavelength_scale * keep
+
+
+def _longrope_inv_freq(
+    head_dim: int, base: float, cfg: dict[str, Any], max_pos: int | None, seq_len: int | None
+) -> torch.Tensor:
+    """LongRoPE (Phi-3): per-dimension divisors, ``short_factor`` for sequences within the original context
+    and ``long_factor`` beyond it."""
+    original = _original_len(cfg, max_pos)
+    key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
+    divisors = torch.tensor(cfg[key], dtype=torch.float32)
+    if divisors.shape != (head_dim // 2,):
+        raise ValueError(
+            f"rope_scaling {key} has {divisors.numel()} entries, expected head_dim / 2 = {head_dim // 2}"
+        )
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (divisors * base**exponent)
+
+
 class RotaryEmbedding(nn.Module):
     """Holds the cos/sin table [max_positions, D/2] (each) in the model dtype."""
 
@@ -68,16 +237,22 @@ class RotaryEmbedding(nn.Module):
         rope_scaling: dict[str, Any] | None,
         dtype: torch.dtype,
         device: torch.device,
+        max_position_embeddings: int | None = None,
     ) -> None:
+        """``max_positions`` rows; ``max_position_embeddings`` is the config's value (default: the same)."""
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim (got {head_dim})")
         self.head_dim = head_dim
-        inv_freq = compute_inv_freq(head_dim, base, rope_scaling).to(device)  # [D/2] fp32
-        t = torch.arange(max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)  # [P, D/2] fp32, cast only after cos/sin as the reference does
-        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)  # [P, D]
-        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        config_len = max_positions if max_position_embeddings is None else max_position_embeddings
+        inv_freq = position_inv_freq(head_dim, base, rope_scaling, config_len, max_positions).to(device)
+        t = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None]
+        freqs = t * inv_freq  # [P, D/2] fp32, cast only after cos/sin as the reference does
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, D]
+        scale = attention_factor(rope_scaling, config_len)
+        if scale != 1.0:
+            cos_sin = cos_sin * scale
+        self.register_buffer("cos_sin_cache", cos_sin.to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, D/2], shared by every layer of one forward."""

@@ -10,6 +10,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "bert": "BertModel",
 }

@@ -42,7 +42,20 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float |
         scaling = dict(config.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
+    if config.get("model_type") == "phi3" and scaling.get("rope_type") in ("su", "yarn"):
+        scaling["rope_type"] = "longrope"  # transformers' Phi-3 reads both old names as LongRoPE
+    if scaling.get("rope_type") in ("llama3", "yarn", "longrope"):
+        # A top-level original_max_position_embeddings (Phi-3) wins, as in transformers.
+        original = (
+            config.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings")
+            or config.get("max_position_embeddings", 2048)
+        )
+        scaling["original_max_position_embeddings"] = int(original)
+    partial = float(scaling.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0:
+        scaling["partial_rotary_factor"] = partial  # kept even for plain RoPE: the rotary layer refuses it
+    if scaling.get("rope_type", "default") == "default" and "partial_rotary_factor" not in scaling:
         scaling_or_none = None
     else:
         scaling_or_none = scaling

@@ -1,4 +1,4 @@
-"""Llama (and Mistral, and later Qwen2-style variants by flags) over a paged KV cache.
+"""Llama (and Mistral, Qwen2/3 and Phi-3 by flags, see qwen2.py and phi3.py) over a paged KV cache.
 
 Reads like Hugging Face's ``modeling_llama``: embed -> decoder layers (input_layernorm, self_attn,
 post_attention_layernorm, mlp) -> norm -> lm_head. Differences from it are for speed only: q/k/v and
@@ -51,14 +51,28 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ArchConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        arch: ArchConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        o_proj_bias: bool | None = None,
+    ) -> None:
+        """``o_proj_bias`` None: o_proj has a bias when q/k/v do (llama); Qwen2 has q/k/v biases only."""
         super().__init__()
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
         self.head_dim = arch.head_dim
-        kw = dict(bias=arch.attention_bias, dtype=dtype, device=device)
-        self.qkv_proj = QKVLinear(arch.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, **kw)
-        self.o_proj = Linear(self.num_heads * self.head_dim, arch.hidden_size, **kw)
+        kw = dict(dtype=dtype, device=device)
+        self.qkv_proj = QKVLinear(
+            arch.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, bias=arch.attention_bias, **kw
+        )
+        o_bias = arch.attention_bias if o_proj_bias is None else o_proj_bias
+        self.o_proj = Linear(self.num_heads * self.head_dim, arch.hidden_size, bias=o_bias, **kw)
+        # Qwen3: RMSNorm over each head's dimensions of q and of k, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         # transformers slides every layer of Mistral; the other families refuse a window (_check_supported).
         window = arch.sliding_window if arch.model_type == "mistral" else None
         self.attn = Attention(
@@ -68,20 +82,33 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos_sin: RotaryCosSin) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hkv) D]
-        qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
-        # q and k are adjacent in the qkv output: rotate both in one pass.
-        qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, *cos_sin)  # [T, H + Hkv, D]
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        q_size = self.num_heads * self.head_dim
+        qk_size = q_size + self.num_kv_heads * self.head_dim
+        if self.q_norm is None:
+            # q and k are adjacent in the qkv output: rotate both in one pass.
+            qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            qk = apply_rotary(qk, *cos_sin)  # [T, H + Hkv, D]
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = self.q_norm(qkv[:, :q_size].reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, q_size:qk_size].reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         return self.o_proj(self.attn(q, k, v))  # [T, H D] -> [T, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        arch: ArchConfig,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        o_proj_bias: bool | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(arch, layer_idx, dtype, device)
+        self.self_attn = LlamaAttention(arch, layer_idx, dtype, device, o_proj_bias)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(arch, dtype, device)
 
@@ -100,11 +127,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, o_proj_bias: bool | None = None
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, i, dtype, device) for i in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, i, dtype, device, o_proj_bias) for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(
@@ -123,6 +152,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS  # read by the quantization swap to name each merged layer's shards
+    o_proj_bias: bool | None = None  # family flag (see LlamaAttention); subclasses override
 
     def __init__(
         self, arch: ArchConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None
@@ -131,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
         device = torch.device("cpu") if device is None else torch.device(device)
         _check_supported(arch)
         self.arch = arch
-        self.model = LlamaModel(arch, dtype, device)
+        self.model = LlamaModel(arch, dtype, device, self.o_proj_bias)
         tied = self.model.embed_tokens if arch.tie_word_embeddings else None
         self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype, device, tied_to=tied)
 
@@ -179,8 +209,6 @@ class LlamaForCausalLM(nn.Module):
 
 def _check_supported(arch: ArchConfig) -> None:
     """Refuse family features this class does not implement rather than compute something else."""
-    if arch.qk_norm:
-        raise ValueError(f"{arch.architecture}: q/k norm (qk_norm=True) is not supported by the llama model")
     windowed = arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings
     if windowed and arch.model_type != "mistral":  # Mistral slides every layer (LlamaAttention)
         raise ValueError(

@@ -13,6 +13,9 @@ _MODELS: dict[str, str] = {
     "Gemma3ForCausalLM": "tidellm.model_executor.models.gemma3:Gemma3ForCausalLM",
     "LlamaForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",
+    "Phi3ForCausalLM": "tidellm.model_executor.models.phi3:Phi3ForCausalLM",
+    "Qwen2ForCausalLM": "tidellm.model_executor.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "tidellm.model_executor.models.qwen2:Qwen3ForCausalLM",
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_MODELS))
