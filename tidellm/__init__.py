@@ -15,11 +15,20 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "PoolingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EmbeddingRequestOutput",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from tidellm.entrypoints.llm import LLM
-    from tidellm.outputs import CompletionOutput, RequestOutput
+    from tidellm.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+    from tidellm.pooling_params import PoolingParams
     from tidellm.sample.params import SamplingParams
 
 _LAZY = {
@@ -27,6 +36,8 @@ _LAZY = {
     "SamplingParams": "tidellm.sample.params",
     "RequestOutput": "tidellm.outputs",
     "CompletionOutput": "tidellm.outputs",
+    "PoolingParams": "tidellm.pooling_params",
+    "EmbeddingRequestOutput": "tidellm.outputs",
 }
 
 

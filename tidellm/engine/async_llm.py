@@ -19,9 +19,12 @@ from tidellm.config import EngineConfig
 from tidellm.engine.core_client import AsyncEngineCoreClient, EngineDeadError
 from tidellm.engine.input_processor import InputProcessor, PromptType, register_request
 from tidellm.engine.output_processor import OutputKind, OutputProcessor
+from tidellm.engine.pooling import PoolingOutputProcessor, register_pooling_request
 from tidellm.engine.protocol import EngineCoreOutputs
 from tidellm.metrics.stats import FinishedRequestStats, IterationStats, StatLogger
-from tidellm.outputs import RequestOutput
+from tidellm.model_executor.models.tasks import Task, check_task, model_task
+from tidellm.outputs import EmbeddingRequestOutput, RequestOutput
+from tidellm.pooling_params import PoolingParams
 from tidellm.sample.params import SamplingParams
 from tidellm.tokenizer.tokenizer import Tokenizer
 
@@ -104,6 +107,9 @@ class AsyncLLM:
         vocab_size: int,
         config: EngineConfig,
         stat_loggers: list[StatLogger] | None = None,
+        *,
+        architecture: str = "",
+        embedding_size: int | None = None,
     ) -> None:
         assert client.ready is not None  # set by the handshake
         self.client = client
@@ -113,7 +119,12 @@ class AsyncLLM:
         self.input_processor = InputProcessor(
             tokenizer, self.max_model_len, vocab_size, config.model.max_logprobs
         )
-        self.output_processor = OutputProcessor(tokenizer)
+        self.architecture = architecture
+        self.task: Task = model_task(architecture)
+        self.embedding_size = embedding_size
+        self.output_processor: OutputProcessor | PoolingOutputProcessor = (
+            PoolingOutputProcessor() if self.task == "embed" else OutputProcessor(tokenizer)
+        )
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self._requests: dict[str, _Tracked] = {}
         self._child_to_parent: dict[str, str] = {}  # engine-core id → user request id
@@ -155,7 +166,15 @@ class AsyncLLM:
                 await client_task
             raise
         client = await client_task
-        return cls(client, source.tokenizer, source.arch.vocab_size, config, stat_loggers)
+        return cls(
+            client,
+            source.tokenizer,
+            source.arch.vocab_size,
+            config,
+            stat_loggers,
+            architecture=source.arch.architecture,
+            embedding_size=source.arch.hidden_size,
+        )
 
     # ------------------------------------------------------------------ health
     @property
@@ -187,6 +206,10 @@ class AsyncLLM:
         for cb in self._dead_callbacks:
             cb(reason)
 
+    def require_task(self, task: Task) -> None:
+        """TaskMismatchError (a ValueError) naming the model and the fix unless it can do ``task``."""
+        check_task(self.architecture, task, self.config.model.model)
+
     # ------------------------------------------------------------------ requests
     async def add_request(
         self,
@@ -203,6 +226,7 @@ class AsyncLLM:
         output, so the HTTP layer can still answer with a proper status code."""
         if self.client.is_dead:
             raise EngineDeadError(self.client.dead_reason or "The engine is not running.")
+        self.require_task("generate")
         arrival_time = arrival_time or time.time()
         core_reqs = register_request(
             self.input_processor,
@@ -225,6 +249,46 @@ class AsyncLLM:
             self._child_to_parent[cid] = request_id
         try:
             await self.client.add_requests(core_reqs)
+        except BaseException:
+            self._forget(request_id)
+            self.output_processor.abort(request_id)
+            raise
+        return stream
+
+    async def add_pooling_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: PoolingParams,
+        *,
+        priority: int = 0,
+        add_special_tokens: bool = True,
+    ) -> RequestStream:
+        """Validate and submit an embedding request; its stream yields one ``EmbeddingRequestOutput``. Errors
+        raise here, before anything is sent (as :meth:`add_request`)."""
+        if self.client.is_dead:
+            raise EngineDeadError(self.client.dead_reason or "The engine is not running.")
+        self.require_task("embed")
+        assert isinstance(self.output_processor, PoolingOutputProcessor)  # chosen from the same task
+        arrival_time = time.time()
+        core_req = register_pooling_request(
+            self.input_processor,
+            self.output_processor,
+            request_id,
+            prompt,
+            params,
+            embedding_size=self.embedding_size or 0,
+            priority=priority,
+            arrival_time=arrival_time,
+            add_special_tokens=add_special_tokens,
+        )
+        stream = RequestStream(request_id, OutputKind.FINAL_ONLY)
+        self._requests[request_id] = _Tracked(
+            stream, len(core_req.prompt_token_ids), arrival_time, [request_id]
+        )
+        self._child_to_parent[request_id] = request_id
+        try:
+            await self.client.add_requests([core_req])
         except BaseException:
             self._forget(request_id)
             self.output_processor.abort(request_id)
@@ -311,6 +375,9 @@ class AsyncLLM:
             if parent_id is None:
                 continue  # aborted while this step ran
             iteration.num_generation_tokens += len(o.new_token_ids)
+            if self.task == "embed" and o.pooled is None and o.finish_reason is not None:
+                self._fail(parent_id, ValueError(str(o.stop_reason or "The engine refused the request.")))
+                continue
             if o.scheduled_time is not None:
                 tracked = self._requests.get(parent_id)
                 if tracked is not None and not tracked.queue_time_seen:
@@ -334,9 +401,21 @@ class AsyncLLM:
             self._send_abort(to_abort)
         self._record(outs.scheduler_stats, iteration)
 
+    def _fail(self, request_id: str, error: Exception) -> None:
+        """End a request with ``error`` (the core refused it)."""
+        tracked = self._forget(request_id)
+        self.output_processor.abort(request_id)
+        if tracked is not None:
+            tracked.stream.put(error)
+
     @staticmethod
-    def _finished_stats(ro: RequestOutput, tracked: _Tracked) -> FinishedRequestStats:
+    def _finished_stats(
+        ro: RequestOutput | EmbeddingRequestOutput, tracked: _Tracked
+    ) -> FinishedRequestStats:
         m = ro.metrics
+        if isinstance(ro, EmbeddingRequestOutput):
+            e2e = (m.e2e_latency or 0.0) if m else time.time() - tracked.arrival_time
+            return FinishedRequestStats("stop", tracked.num_prompt_tokens, 0, e2e)
         reasons = [c.finish_reason for c in ro.outputs if c.finish_reason]
         reason = "length" if "length" in reasons else (reasons[0] if reasons else "stop")
         return FinishedRequestStats(

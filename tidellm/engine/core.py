@@ -9,12 +9,15 @@ import torch
 
 from tidellm.config import EngineConfig
 from tidellm.core.request import Request, RequestStatus
+from tidellm.core.sched.pooling import PoolingRequest, PoolingScheduler
 from tidellm.core.sched.scheduler import Scheduler
 from tidellm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
 from tidellm.model_executor.layers.attention import uniform_sliding_window
 from tidellm.model_executor.loader import ModelSource, load_model_source
+from tidellm.model_executor.models.tasks import TaskMismatchError, check_task, model_task
 from tidellm.platforms import device_summary, resolve_device, resolve_dtype
 from tidellm.worker.model_runner import ModelRunner, seed_everything
+from tidellm.worker.pooling_runner import PoolingModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +36,22 @@ class EngineCore:
                 config.model.model, cache_dir=config.load.cache_dir, revision=config.model.revision
             )
         self.source = source
-        self.runner = ModelRunner(config, source, device, dtype)
+        # An embedding model runs whole prompts without a KV cache: its own runner and scheduler.
+        self.task = model_task(source.arch.architecture)
+        self.runner: ModelRunner | PoolingModelRunner
+        self.scheduler: Scheduler | PoolingScheduler
+        if self.task == "embed":
+            self.runner = PoolingModelRunner(config, source, device, dtype)
+            self.scheduler = PoolingScheduler(config.scheduler, self.runner.max_model_len)
+        else:
+            self.runner = ModelRunner(config, source, device, dtype)
+            plan = self.runner.kv_plan
+            window = uniform_sliding_window(self.runner.model)  # out-of-window blocks are freed early
+            self.scheduler = Scheduler(
+                config.scheduler, config.cache, plan.num_blocks, plan.max_model_len, sliding_window=window
+            )
         plan = self.runner.kv_plan
         self.max_model_len = plan.max_model_len
-        window = uniform_sliding_window(self.runner.model)  # out-of-window blocks are freed early
-        self.scheduler = Scheduler(
-            config.scheduler, config.cache, plan.num_blocks, plan.max_model_len, sliding_window=window
-        )
         self.startup_seconds = time.perf_counter() - t0
         logger.info("Model %s", source.description)
         logger.info(
@@ -49,6 +61,14 @@ class EngineCore:
             self.runner.load_report.weight_bytes / 2**20,
             self.runner.load_report.load_seconds,
         )
+        if isinstance(self.runner, PoolingModelRunner):
+            logger.info(
+                "Embedding model: %s, %d dimensions; max_model_len %d; no KV cache",
+                self.runner.pooling.describe(),
+                self.runner.embedding_size,
+                self.max_model_len,
+            )
+            return
         logger.info(
             "KV cache: %.2f GiB, %d blocks of %d = %d tokens; max_model_len %d → max concurrency %.1fx; prefix caching %s",
             plan.total_bytes / 2**30,
@@ -62,6 +82,19 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, req: EngineCoreRequest) -> None:
+        arch = self.source.arch.architecture
+        if isinstance(self.scheduler, PoolingScheduler):
+            if req.pooling_params is None:
+                check_task(arch, "generate", self.config.model.model)
+            self.scheduler.add_request(
+                PoolingRequest(
+                    req.request_id, req.prompt_token_ids, req.arrival_time or time.time(), req.priority
+                )
+            )
+            return
+        if req.sampling_params is None:  # an embedding request
+            check_task(arch, "embed", self.config.model.model)
+            raise TaskMismatchError(f"request {req.request_id!r} has no sampling parameters.")
         self.scheduler.add_request(
             Request(
                 req.request_id,
@@ -94,6 +127,8 @@ class EngineCore:
         )
 
     def reset_prefix_cache(self) -> bool:
+        if isinstance(self.scheduler, PoolingScheduler):
+            return True  # nothing is cached
         return self.scheduler.kv.reset_prefix_cache()
 
     def shutdown(self) -> None:

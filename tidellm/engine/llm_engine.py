@@ -13,9 +13,12 @@ from tidellm.config import EngineConfig
 from tidellm.engine.core import EngineCore
 from tidellm.engine.input_processor import InputProcessor, PromptType, register_request
 from tidellm.engine.output_processor import OutputKind, OutputProcessor
+from tidellm.engine.pooling import PoolingOutputProcessor, register_pooling_request
 from tidellm.engine.protocol import SchedulerStats
 from tidellm.model_executor.loader import load_model_source
-from tidellm.outputs import RequestOutput
+from tidellm.model_executor.models.tasks import Task, check_task
+from tidellm.outputs import EmbeddingRequestOutput, RequestOutput
+from tidellm.pooling_params import PoolingParams
 from tidellm.sample.params import SamplingParams
 from tidellm.tokenizer.tokenizer import Tokenizer
 
@@ -32,13 +35,22 @@ class LLMEngine:
         self.input_processor = InputProcessor(
             self.tokenizer, self.max_model_len, source.arch.vocab_size, config.model.max_logprobs
         )
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.architecture = source.arch.architecture
+        self.task = self.core.task  # "generate" or "embed", from the architecture
+        self.embedding_size = source.arch.hidden_size
+        self.output_processor: OutputProcessor | PoolingOutputProcessor = (
+            PoolingOutputProcessor() if self.task == "embed" else OutputProcessor(self.tokenizer)
+        )
         self.last_stats: SchedulerStats | None = None
         self._ids = itertools.count()
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> LLMEngine:
         return cls(EngineConfig.from_kwargs(**kwargs))
+
+    def require_task(self, task: Task) -> None:
+        """TaskMismatchError (a ValueError) naming the model and the fix unless it can do ``task``."""
+        check_task(self.architecture, task, self.config.model.model)
 
     def next_request_id(self) -> str:
         return str(next(self._ids))
@@ -53,6 +65,7 @@ class LLMEngine:
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> None:
+        self.require_task("generate")
         core_reqs = register_request(
             self.input_processor,
             self.output_processor,
@@ -66,6 +79,30 @@ class LLMEngine:
         for req in core_reqs:
             self.core.add_request(req)
 
+    def add_pooling_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: PoolingParams,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue an embedding request (its output arrives from ``step`` as an ``EmbeddingRequestOutput``)."""
+        self.require_task("embed")
+        assert isinstance(self.output_processor, PoolingOutputProcessor)  # chosen from the same task
+        req = register_pooling_request(
+            self.input_processor,
+            self.output_processor,
+            request_id,
+            prompt,
+            params,
+            embedding_size=self.embedding_size,
+            priority=priority,
+            arrival_time=arrival_time,
+        )
+        self.core.add_request(req)
+
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for rid in ids:
@@ -75,7 +112,7 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
         core_out = self.core.step()
         self.last_stats = core_out.scheduler_stats
         results, to_abort = self.output_processor.process_outputs(core_out.outputs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import msgspec
 
+from tidellm.pooling_params import PoolingParams
 from tidellm.sample.params import SamplingParams
 
 # (token ids, logprobs, rank of the sampled/target token): the first id is the sampled one, then the top-N.
@@ -16,12 +17,13 @@ LogprobEntry = tuple[list[int], list[float], int]
 class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for an embedding request (which has pooling_params)
     max_tokens: int
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
     priority: int = 0
     cache_salt: str | None = None
+    pooling_params: PoolingParams | None = None
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
@@ -34,6 +36,7 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     scheduled_time: float | None = None  # wall time the request was first scheduled; with its first token
+    pooled: list[float] | None = None  # an embedding request's result (its only output)
 
     @property
     def finished(self) -> bool:

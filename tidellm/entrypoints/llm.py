@@ -1,4 +1,5 @@
-"""The offline API: ``LLM(model=...).generate(prompts, params)`` and ``.chat(messages, params)``."""
+"""The offline API: ``LLM(model=...).generate(prompts, params)``, ``.chat(messages, params)`` and, for
+embedding models, ``.embed(prompts)``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from tqdm.auto import tqdm
 
 from tidellm.engine.llm_engine import LLMEngine
 from tidellm.logger import configure_logging
-from tidellm.outputs import RequestOutput
+from tidellm.outputs import EmbeddingRequestOutput, RequestOutput
+from tidellm.pooling_params import PoolingParams
 from tidellm.sample.params import SamplingParams
 
 Conversation = list[dict[str, Any]]
@@ -59,6 +61,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, with the model's chat template."""
+        self.engine.require_task("generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         prompts = [
@@ -74,6 +77,53 @@ class LLM:
         for out, text in zip(outputs, prompts, strict=True):
             out.prompt = text
         return outputs
+
+    def embed(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """Embeddings of texts or token-id lists (embedding models only), in the order of ``prompts``; each
+        result's ``outputs.embedding`` is a list of floats. ``truncate_prompt_tokens`` (k, or -1 for
+        max_model_len) keeps only the first tokens of longer prompts instead of refusing them."""
+        prompt_list = _as_prompt_list(prompts)
+        if pooling_params is None:
+            params = [PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)] * len(prompt_list)
+        else:
+            if truncate_prompt_tokens is not None:
+                raise ValueError(
+                    "Pass truncate_prompt_tokens either directly or inside pooling_params, not both."
+                )
+            one = isinstance(pooling_params, PoolingParams)
+            params = [pooling_params] * len(prompt_list) if one else list(pooling_params)
+            if len(params) != len(prompt_list):
+                raise ValueError(
+                    f"Got {len(params)} PoolingParams for {len(prompt_list)} prompts; pass one, or one per prompt."
+                )
+        engine = self.engine
+        ids = []
+        finished: dict[str, EmbeddingRequestOutput] = {}
+        bar = tqdm(
+            total=len(prompt_list), desc="Embedding", unit="req", disable=not use_tqdm, dynamic_ncols=True
+        )
+        try:
+            for prompt, p in zip(prompt_list, params, strict=True):
+                rid = engine.next_request_id()
+                engine.add_pooling_request(rid, prompt, p)
+                ids.append(rid)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    finished[out.request_id] = out
+                    bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in ids if r not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[r] for r in ids]
 
     def _run(self, prompts, params, priority, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from tidellm.config import EngineConfig
 from tidellm.core.sched.output import ModelRunnerOutput, SchedulerOutput
@@ -56,31 +57,11 @@ class ModelRunner:
         self.vocab_size = self.arch.vocab_size
 
         t0 = time.perf_counter()
-        self._check_weights_fit()
-        model_cls = get_model_class(self.arch)
-        with torch.device(device):
-            self.model = model_cls(self.arch, dtype=dtype, device=device)
-        plan, default_fmt = plan_quantization(config.model.quantization, source, device)
-        keep_blocks = apply_quantization(self.model, plan, default_fmt)
-        self.model.load_weights(source.iter_weights(frozenset(keep_blocks)))
-        self.model.eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        blocks = [m.qweight for m in self.model.modules() if getattr(m, "qweight", None) is not None]
-        weight_bytes += sum(b.nbytes for b in blocks)
+        self.model, weight_bytes = load_model(config, source, device, dtype)
         self.kv_plan = plan_kv_cache(config, self.arch, dtype, device)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_caches = self.kv_plan.allocate()
         self.load_report = LoadReport(time.perf_counter() - t0, weight_bytes, self.kv_plan)
-
-    def _check_weights_fit(self) -> None:
-        need = self.source.num_params() * torch.empty((), dtype=self.dtype).element_size()
-        avail = available_memory_bytes(self.device)
-        if need > avail * 0.9:
-            raise ModelLoadError(
-                f"The model needs {need / 2**30:.2f} GiB for its weights in {self.dtype} but only "
-                f"{avail / 2**30:.2f} GiB of {self.device.type} memory is available. Free memory, pick a smaller "
-                "model, or a smaller dtype (e.g. dtype='bfloat16')."
-            )
 
     # ------------------------------------------------------------------ state
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -188,6 +169,36 @@ class ModelRunner:
     def shutdown(self) -> None:
         self.kv_caches = []
         self.states.clear()
+
+
+def load_model(
+    config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, int]:
+    """Build the registry's class for ``source`` and stream its weights in: (model in eval mode, weight bytes).
+    Shared by the generating and the pooling runner."""
+    check_weights_fit(source, device, dtype)
+    model_cls = get_model_class(source.arch)
+    with torch.device(device):
+        model = model_cls(source.arch, dtype=dtype, device=device)
+    plan, default_fmt = plan_quantization(config.model.quantization, source, device)
+    keep_blocks = apply_quantization(model, plan, default_fmt)
+    model.load_weights(source.iter_weights(frozenset(keep_blocks)))
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = [m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None]
+    weight_bytes += sum(b.nbytes for b in blocks)
+    return model, weight_bytes
+
+
+def check_weights_fit(source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+    need = source.num_params() * torch.empty((), dtype=dtype).element_size()
+    avail = available_memory_bytes(device)
+    if need > avail * 0.9:
+        raise ModelLoadError(
+            f"The model needs {need / 2**30:.2f} GiB for its weights in {dtype} but only "
+            f"{avail / 2**30:.2f} GiB of {device.type} memory is available. Free memory, pick a smaller "
+            "model, or a smaller dtype (e.g. dtype='bfloat16')."
+        )
 
 
 def seed_everything(seed: int) -> None:

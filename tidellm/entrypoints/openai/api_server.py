@@ -38,6 +38,7 @@ from tidellm.entrypoints.openai.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -46,6 +47,7 @@ from tidellm.entrypoints.openai.protocol import (
 from tidellm.entrypoints.openai.serving_base import ClientDisconnected, ServerContext
 from tidellm.entrypoints.openai.serving_chat import OpenAIServingChat
 from tidellm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tidellm.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 from tidellm.entrypoints.openai.serving_tokenize import OpenAIServingTokenize
 from tidellm.logger import configure_logging
 from tidellm.metrics.loggers import LoggingStatLogger
@@ -96,6 +98,7 @@ def build_app(ctx: ServerContext, config: ServerConfig, metrics: PrometheusStatL
     completion = OpenAIServingCompletion(ctx)
     chat = OpenAIServingChat(ctx)
     tokenize = OpenAIServingTokenize(ctx)
+    embedding = OpenAIServingEmbedding(ctx)
     engine = ctx.engine
 
     @app.post("/v1/completions")
@@ -109,6 +112,13 @@ def build_app(ctx: ServerContext, config: ServerConfig, metrics: PrometheusStatL
     async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
         try:
             return await chat.create(req, raw)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(req: EmbeddingRequest, raw: Request) -> Response:
+        try:
+            return await embedding.create(req, raw)
         except ClientDisconnected:
             return Response(status_code=499)
 
@@ -289,9 +299,12 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, started_at: f
         def ready_message() -> str:
             age = process_age()
             elapsed = age if age is not None else time.perf_counter() - t0
+            cache = (
+                f"KV cache {ready.kv_capacity_tokens} tokens" if engine.task == "generate" else "embeddings"
+            )
             return (
-                f"Serving {served_name!r} at http://{url_host}:{port}/v1 ({ready.dtype}, KV cache "
-                f"{ready.kv_capacity_tokens} tokens, max_model_len {ready.max_model_len}"
+                f"Serving {served_name!r} at http://{url_host}:{port}/v1 ({ready.dtype}, {cache}, "
+                f"max_model_len {ready.max_model_len}"
                 f"{', API key required' if config.api_key else ''}); started in {elapsed:.1f} s"
             )
 

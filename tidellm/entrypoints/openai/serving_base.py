@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from tidellm.engine.async_llm import AsyncLLM, RequestStream
 from tidellm.entrypoints.openai import errors
 from tidellm.entrypoints.openai.protocol import OpenAIBaseModel
+from tidellm.model_executor.models.tasks import Task, TaskMismatchError
 from tidellm.outputs import RequestOutput
 from tidellm.sample.params import SamplingParams
 
@@ -47,6 +48,13 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.ctx.served_model_name:
             raise errors.model_not_found(model)
+
+    def check_task(self, task: Task) -> None:
+        """400 naming the problem when the served model cannot do ``task`` (embed vs generate)."""
+        try:
+            self.engine.require_task(task)
+        except TaskMismatchError as e:
+            raise errors.bad_request(str(e), param="model", code="model_not_supported") from None
 
     @staticmethod
     def warn_ignored(req: OpenAIBaseModel, request_id: str) -> None:

@@ -72,6 +72,7 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         request_id = self.new_id("chatcmpl")
         self.check_model(req.model)
+        self.check_task("generate")
         self.warn_ignored(req, request_id)
         if req.stream_options is not None and not req.stream:
             raise errors.bad_request(

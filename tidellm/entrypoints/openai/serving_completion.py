@@ -55,6 +55,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         request_id = self.new_id("cmpl")
         self.check_model(req.model)
+        self.check_task("generate")
         self.warn_ignored(req, request_id)
         if req.suffix:
             raise errors.bad_request("suffix is not supported.", param="suffix")

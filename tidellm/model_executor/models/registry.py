@@ -10,6 +10,7 @@ from tidellm.config.arch import ArchConfig
 
 # arch name -> "module:Class". Adding a family = one file + one line here.
 _MODELS: dict[str, str] = {
+    "BertModel": "tidellm.model_executor.models.bert:BertModel",  # embeddings (models/tasks.py)
     "Gemma3ForCausalLM": "tidellm.model_executor.models.gemma3:Gemma3ForCausalLM",
     "LlamaForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",
