@@ -6,7 +6,8 @@ Three levels: the window views of the step metadata; our paged model through tes
 chunked prefill, a prefix-cache hit, both decode paths) including a run in which every block behind a
 request's window is filled with NaN before each step (what the scheduler hands back must never be read);
 and the real engine against ``generate`` (greedy tokens identical, logprobs within 1e-3, alone, batched,
-chunked, with prefix hits, and in a KV pool too small to hold the sequences without releasing blocks).
+chunked, with prefix hits, in a KV pool too small to hold the sequences without releasing blocks, and in one
+so small that requests are preempted and resumed).
 """
 
 from __future__ import annotations
@@ -208,4 +209,29 @@ def test_llm_small_pool_needs_released_blocks(mistral) -> None:
     assert llm.engine.core.scheduler.kv.num_blocks == num_blocks
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.engine.core.scheduler.num_preemptions == 0
+    check_outputs(outputs, hf_greedy(hf, prompts, MAX_NEW, [EOS]))
+
+
+def test_llm_preemption_and_prefix_hits_with_released_blocks(mistral) -> None:
+    """Ten requests in 16 blocks: some are preempted and resumed, hits include blocks already released
+    (kept hashed in the free list) and skipped ones; the outputs stay transformers'."""
+    hf, folder = mistral
+    g = torch.Generator().manual_seed(11)
+    prompts = _prompts() + [
+        torch.randint(2, VOCAB - 1, (n,), generator=g).tolist() for n in (25, 9, 17, 28, 11)
+    ]
+    prompts[6][:16] = prompts[2][:16]
+    per_block = 2 * 4 * MISTRAL["num_key_value_heads"] * 16 * 4 * MISTRAL["num_hidden_layers"]  # bytes
+    llm = LLM(
+        str(folder),
+        dtype="float32",
+        max_model_len=64,
+        kv_cache_memory_gb=16 * per_block / 2**30,
+        block_size=4,
+        max_num_batched_tokens=8,
+        log_level="WARNING",
+    )
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    scheduler = llm.engine.core.scheduler
+    assert scheduler.num_preemptions > 0 and scheduler.kv.stats.hits > 0
     check_outputs(outputs, hf_greedy(hf, prompts, MAX_NEW, [EOS]))
