@@ -40,9 +40,10 @@ COMMON: dict[str, Any] = dict(
 LONGROPE_HEAD_DIM = COMMON["hidden_size"] // COMMON["num_attention_heads"]
 
 
-def _longrope(original: int) -> dict[str, Any]:
-    half = LONGROPE_HEAD_DIM // 2
+def _longrope(original: int, partial: float = 1.0) -> dict[str, Any]:
+    half = int(LONGROPE_HEAD_DIM * partial) // 2
     return {
+        "partial_rotary_factor": partial,
         "rope_type": "longrope",
         "short_factor": [1.0 + 0.25 * i for i in range(half)],
         "long_factor": [2.0 + 0.5 * i for i in range(half)],
@@ -114,6 +115,15 @@ CASES: dict[str, tuple[type, dict[str, Any]]] = {
     "phi3_longrope_crossing": (
         transformers.Phi3Config,
         {"rope_parameters": _longrope(16), "original_max_position_embeddings": 16},
+    ),
+    # Phi-4-mini style: only the first part of each head is rotated.
+    "phi3_partial_rotary": (
+        transformers.Phi3Config,
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+    ),
+    "phi3_partial_longrope": (
+        transformers.Phi3Config,
+        {"rope_parameters": _longrope(64, partial=0.75), "original_max_position_embeddings": 64},
     ),
 }
 # Cases whose generation crosses the original context: a transformers forward over the whole sequence, and
@@ -240,16 +250,16 @@ def _fresh_from(folder: Path):
     return get_model_class(arch)(arch)
 
 
-def test_unsupported_rope_configs_refused(tmp_path) -> None:
-    partial = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+def test_bad_rope_configs_refused(tmp_path) -> None:
+    partial = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1}
     config = transformers.Phi3Config(**COMMON).to_dict() | {"rope_parameters": partial}
     arch = arch_from_hf_config(config, tmp_path)
-    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.5.*not supported"):
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.1 gives 1 rotary dimensions"):
         get_model_class(arch)(arch)
     bad = {**_longrope(64), "short_factor": [1.0, 2.0]}
     config = transformers.Phi3Config(**COMMON).to_dict() | {"rope_parameters": {**bad, "rope_theta": 1e4}}
     arch = arch_from_hf_config(config, tmp_path)
-    with pytest.raises(ValueError, match="short_factor has 2 entries, expected head_dim / 2 = 8"):
+    with pytest.raises(ValueError, match="short_factor has 2 entries, expected the rotary dimension / 2 = 8"):
         get_model_class(arch)(arch)
 
 

@@ -12,12 +12,15 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
 from tidellm.model_executor.layers.rotary import (
     RotaryEmbedding,
+    apply_rotary,
     attention_factor,
     compute_inv_freq,
     position_inv_freq,
+    rotary_dim,
 )
 
 HEAD_DIM = 64
@@ -59,6 +62,21 @@ ROPES: dict[str, dict[str, Any]] = {
         "long_factor": [1.5 + 0.3 * i for i in range(HALF)],
         "original_max_position_embeddings": 16,
     },
+    # Partial rotary (transformers' rope functions rotate the first int(D * factor) dimensions).
+    "linear_partial": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
+    "yarn_partial": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "partial_rotary_factor": 0.75,
+    },
+    "longrope_partial": {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(HALF // 2)],
+        "long_factor": [1.5 + 0.3 * i for i in range(HALF // 2)],
+        "original_max_position_embeddings": 16,
+        "partial_rotary_factor": 0.5,
+    },
 }
 
 
@@ -77,13 +95,14 @@ def test_inv_freq_and_attention_factor_match_transformers(name: str) -> None:
     rope = dict(ROPES[name])  # as written, so our own defaults are tested
     kind = rope["rope_type"]
     want, want_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
-    got = compute_inv_freq(HEAD_DIM, 10000.0, rope, MAX_POS)
+    dim = rotary_dim(HEAD_DIM, rope)
+    got = compute_inv_freq(dim, 10000.0, rope, MAX_POS)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert attention_factor(rope, MAX_POS) == pytest.approx(want_factor, rel=1e-12)
     if kind in ("dynamic", "longrope"):  # length-dependent: beyond the (original) context
         for seq_len in (17, MAX_POS + 1, 3 * MAX_POS):
             want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
-            got = compute_inv_freq(HEAD_DIM, 10000.0, rope, MAX_POS, seq_len=seq_len)
+            got = compute_inv_freq(dim, 10000.0, rope, MAX_POS, seq_len=seq_len)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
@@ -97,18 +116,19 @@ def test_table_rows_match_token_by_token_transformers(name: str) -> None:
     ours = RotaryEmbedding(
         HEAD_DIM, rows, 10000.0, rope, torch.float32, torch.device("cpu"), max_position_embeddings=MAX_POS
     )
-    inv_freq = position_inv_freq(HEAD_DIM, 10000.0, rope, MAX_POS, rows).expand(rows, -1)
+    half = rotary_dim(HEAD_DIM, rope) // 2
+    inv_freq = position_inv_freq(2 * half, 10000.0, rope, MAX_POS, rows).expand(rows, -1)
     ref = LlamaRotaryEmbedding(config)
     x = torch.zeros(1, 1, HEAD_DIM)
     for p in range(rows):
-        cos, sin = ref(x, torch.tensor([[p]]))  # [1, 1, D] each: the D/2 angles twice
+        cos, sin = ref(x, torch.tensor([[p]]))  # [1, 1, R] each: the R/2 angles twice
         torch.testing.assert_close(inv_freq[p], ref.inv_freq, rtol=1e-6, atol=0, msg=f"inv_freq @ {p}")
         # Beyond the context, transformers computes one row's grown base with scalar kernels where we do all
         # rows at once (vectorized pow): frequencies may differ in the last bit, angles of ~100 rad by ~1e-5.
         tol = 1e-6 if p < MAX_POS else 2e-5
         got = ours.cos_sin_cache[p]
-        torch.testing.assert_close(got[:HALF], cos[0, 0, :HALF], rtol=0, atol=tol, msg=f"cos @ {p}")
-        torch.testing.assert_close(got[HALF:], sin[0, 0, :HALF], rtol=0, atol=tol, msg=f"sin @ {p}")
+        torch.testing.assert_close(got[:half], cos[0, 0, :half], rtol=0, atol=tol, msg=f"cos @ {p}")
+        torch.testing.assert_close(got[half:], sin[0, 0, :half], rtol=0, atol=tol, msg=f"sin @ {p}")
 
 
 @pytest.mark.parametrize("name", ["dynamic", "longrope", "yarn"])
@@ -130,6 +150,24 @@ def test_bad_rope_configs_raise() -> None:
         compute_inv_freq(HEAD_DIM, 1e4, {"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="rope_scaling type 'mrope' is not supported"):
         compute_inv_freq(HEAD_DIM, 1e4, {"rope_type": "mrope"}, MAX_POS)
-    with pytest.raises(ValueError, match="long_factor has 3 entries, expected head_dim / 2 = 32"):
+    with pytest.raises(ValueError, match="long_factor has 3 entries, expected the rotary dimension / 2 = 32"):
         rope = {**ROPES["longrope"], "long_factor": [1.0, 2.0, 3.0]}
         compute_inv_freq(HEAD_DIM, 1e4, rope, MAX_POS, seq_len=MAX_POS)
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0\.01 gives 0 rotary dimensions"):
+        rotary_dim(HEAD_DIM, {"rope_type": "default", "partial_rotary_factor": 0.01})
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_rotary_matches_transformers(partial: float) -> None:
+    """q and k [T, n, D] rotated in their first R dimensions, the rest passed through (transformers' Phi-3
+    apply_rotary_pos_emb, which handles partial rotation)."""
+    rope = {"rope_type": "default", "partial_rotary_factor": partial}
+    emb = RotaryEmbedding(HEAD_DIM, MAX_POS, 10000.0, rope, torch.float32, torch.device("cpu"))
+    positions = torch.tensor([0, 5, 17, 63])
+    q, k = torch.randn(4, 3, HEAD_DIM), torch.randn(4, 1, HEAD_DIM)
+    cos, sin = emb(positions)  # [T, 1, R/2]
+    hf_cos, hf_sin = (torch.cat([c, c], -1)[:, 0][None] for c in (cos, sin))  # [1, T, R]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], hf_cos, hf_sin)
+    want_q, want_k = want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)  # [T, n, D]
+    torch.testing.assert_close(apply_rotary(q, cos, sin), want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(apply_rotary(k, cos, sin), want_k, rtol=1e-6, atol=1e-6)

@@ -1,7 +1,9 @@
 """Rotary position embedding (neox style, as Hugging Face llama): a cos/sin table built once, indexed by
 the step's positions once per forward, and applied to q and k together.
 
-Dimension ``i < D/2`` is rotated with dimension ``i + D/2`` by angle ``position * inv_freq[i]``.
+Dimension ``i < R/2`` is rotated with dimension ``i + R/2`` by angle ``position * inv_freq[i]``, where the
+rotary dimension R is the head dimension D, or its first ``partial_rotary_factor`` part (Phi-4-mini); the
+other dimensions pass through.
 
 RoPE scaling follows ``transformers.modeling_rope_utils`` (linear, dynamic NTK, YaRN, Llama 3, LongRoPE).
 Two of them depend on the length of the sequence in transformers, which recomputes the frequencies for
@@ -31,41 +33,41 @@ def _rope_type(rope_scaling: dict[str, Any] | None) -> str:
     return str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
 
 
-def _base_inv_freq(head_dim: int, base: float | torch.Tensor) -> torch.Tensor:
-    """Unscaled inverse frequencies: [D/2], or [R, D/2] for a base per row (a [R, 1] tensor)."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+def _base_inv_freq(dim: int, base: float | torch.Tensor) -> torch.Tensor:
+    """Unscaled inverse frequencies: [dim/2], or [N, dim/2] for a base per row (an [N, 1] tensor)."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (base**exponent)
 
 
 def compute_inv_freq(
-    head_dim: int,
+    dim: int,
     base: float,
     rope_scaling: dict[str, Any] | None,
     max_position_embeddings: int | None = None,
     seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Inverse frequencies [D/2] in fp32 after the checkpoint's rope scaling, for a forward whose sequence
+    """Inverse frequencies [R/2] in fp32 after the checkpoint's rope scaling, for a forward whose sequence
     is ``seq_len`` long (None: as transformers builds them at load time; only dynamic NTK and LongRoPE
-    depend on it). ``max_position_embeddings`` is the config's (needed by dynamic NTK, and the fallback of
+    depend on it). ``dim`` is the rotary dimension R (the head dimension unless ``rotary_dim`` says less);
+    ``max_position_embeddings`` is the config's (needed by dynamic NTK, and the fallback of
     ``original_max_position_embeddings``)."""
     kind = _rope_type(rope_scaling)
     cfg = rope_scaling or {}
-    _check_partial_rotary(cfg)
     try:
         if kind == "default":
-            return _base_inv_freq(head_dim, base)
+            return _base_inv_freq(dim, base)
         if kind == "linear":
             # Position interpolation: positions divided by the factor, i.e. every frequency divided by it.
-            return _base_inv_freq(head_dim, base) / float(cfg["factor"])
+            return _base_inv_freq(dim, base) / float(cfg["factor"])
         if kind == "llama3":
-            return _llama3_inv_freq(_base_inv_freq(head_dim, base), cfg)
+            return _llama3_inv_freq(_base_inv_freq(dim, base), cfg)
         if kind == "dynamic":
             max_pos = _required(max_position_embeddings, kind)
-            return _base_inv_freq(head_dim, _ntk_base(base, float(cfg["factor"]), seq_len, max_pos, head_dim))
+            return _base_inv_freq(dim, _ntk_base(base, float(cfg["factor"]), seq_len, max_pos, dim))
         if kind == "yarn":
-            return _yarn_inv_freq(head_dim, base, cfg, _required(max_position_embeddings, kind))
+            return _yarn_inv_freq(dim, base, cfg, _required(max_position_embeddings, kind))
         if kind == "longrope":
-            return _longrope_inv_freq(head_dim, base, cfg, max_position_embeddings, seq_len)
+            return _longrope_inv_freq(dim, base, cfg, max_position_embeddings, seq_len)
     except KeyError as e:
         raise ValueError(
             f"rope_scaling of type {kind!r} lacks the key {e}; rope_scaling={rope_scaling}"
@@ -101,30 +103,28 @@ def attention_factor(
 
 
 def position_inv_freq(
-    head_dim: int,
+    dim: int,
     base: float,
     rope_scaling: dict[str, Any] | None,
     max_position_embeddings: int,
     num_positions: int,
 ) -> torch.Tensor:
-    """The frequencies each position is rotated with: [P, D/2], or [1, D/2] when all positions share them
+    """The frequencies each position is rotated with: [P, R/2], or [1, R/2] when all positions share them
     (see the module docstring for the length-dependent types)."""
     kind = _rope_type(rope_scaling)
     cfg = rope_scaling or {}
-    first = compute_inv_freq(head_dim, base, rope_scaling, max_position_embeddings)[None]  # [1, D/2]
+    first = compute_inv_freq(dim, base, rope_scaling, max_position_embeddings)[None]  # [1, R/2]
     if kind == "dynamic" and num_positions > max_position_embeddings:
         # transformers computes the grown base in fp32 tensors from max(position) + 1: do the same per row.
         seq_lens = torch.arange(max_position_embeddings + 1, num_positions + 1, dtype=torch.int64)[:, None]
         grown = _base_inv_freq(
-            head_dim, _ntk_base(base, float(cfg["factor"]), seq_lens, max_position_embeddings, head_dim)
+            dim, _ntk_base(base, float(cfg["factor"]), seq_lens, max_position_embeddings, dim)
         )
         return torch.cat([first.expand(max_position_embeddings, -1), grown])
     if kind == "longrope":
         original = _original_len(cfg, max_position_embeddings)
         if num_positions > original:
-            long = compute_inv_freq(
-                head_dim, base, rope_scaling, max_position_embeddings, seq_len=original + 1
-            )
+            long = compute_inv_freq(dim, base, rope_scaling, max_position_embeddings, seq_len=original + 1)
             return torch.cat([first.expand(original, -1), long[None].expand(num_positions - original, -1)])
     return first
 
@@ -135,13 +135,16 @@ def _required(value: int | None, kind: str) -> int:
     return value
 
 
-def _check_partial_rotary(cfg: dict[str, Any]) -> None:
-    partial = cfg.get("partial_rotary_factor", 1.0)
-    if partial is not None and float(partial) != 1.0:
+def rotary_dim(head_dim: int, rope_scaling: dict[str, Any] | None) -> int:
+    """How many leading dimensions of each head are rotated (``partial_rotary_factor`` of them)."""
+    partial = float((rope_scaling or {}).get("partial_rotary_factor") or 1.0)
+    dim = int(head_dim * partial)
+    if not 0 < dim <= head_dim or dim % 2:
         raise ValueError(
-            f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported; only models that "
-            "rotate the whole head (partial_rotary_factor=1.0) are."
+            f"partial_rotary_factor={partial} gives {dim} rotary dimensions of a {head_dim}-dimension head; "
+            "it must be a positive even number no larger than the head"
         )
+    return dim
 
 
 def _original_len(cfg: dict[str, Any], max_position_embeddings: int | None) -> int:
@@ -161,7 +164,7 @@ def _scaling_factor(cfg: dict[str, Any], max_position_embeddings: int | None, or
 
 
 def _ntk_base(
-    base: float, factor: float, seq_len: int | torch.Tensor | None, max_pos: int, head_dim: int
+    base: float, factor: float, seq_len: int | torch.Tensor | None, max_pos: int, dim: int
 ) -> float | torch.Tensor:
     """Dynamic NTK: the RoPE base grows with the sequence once it is longer than ``max_pos``; an int (or
     None) computes in double as transformers does at load time, a tensor in fp32 as its forward does."""
@@ -171,7 +174,7 @@ def _ntk_base(
         seq_len = torch.clamp(seq_len, min=max_pos)
     else:
         seq_len = max(seq_len, max_pos)
-    return base * ((factor * seq_len / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
@@ -186,7 +189,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: dict[str, Any]) -> torch.Tenso
     return torch.where(wavelen < original_len / high, inv_freq, out)
 
 
-def _yarn_inv_freq(head_dim: int, base: float, cfg: dict[str, Any], max_pos: int) -> torch.Tensor:
+def _yarn_inv_freq(dim: int, base: float, cfg: dict[str, Any], max_pos: int) -> torch.Tensor:
     """YaRN: dimensions that turn many times over the original context keep their frequency, those that
     turn less than once are interpolated by ``factor``, with a linear ramp between (in dimension index)."""
     if "factor" not in cfg:  # required (transformers too), though it may be None: the context-length ratio
@@ -196,38 +199,38 @@ def _yarn_inv_freq(head_dim: int, base: float, cfg: dict[str, Any], max_pos: int
     fast, slow = cfg.get("beta_fast") or 32, cfg.get("beta_slow") or 1
 
     def dim_of(rotations: float) -> float:  # the dimension that turns ``rotations`` times over ``original``
-        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low, high = dim_of(fast), dim_of(slow)
     if cfg.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # a one-dimension ramp would divide by zero
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # per dimension: 1 keeps the frequency, 0 interpolates it
-    wavelength_scale = base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # 1 / inv_freq
+    wavelength_scale = base ** (torch.arange(0, dim, 2).float() / dim)  # 1 / inv_freq
     return 1.0 / (factor * wavelength_scale) * (1 - keep) + 1.0 / wavelength_scale * keep
 
 
 def _longrope_inv_freq(
-    head_dim: int, base: float, cfg: dict[str, Any], max_pos: int | None, seq_len: int | None
+    dim: int, base: float, cfg: dict[str, Any], max_pos: int | None, seq_len: int | None
 ) -> torch.Tensor:
     """LongRoPE (Phi-3): per-dimension divisors, ``short_factor`` for sequences within the original context
     and ``long_factor`` beyond it."""
     original = _original_len(cfg, max_pos)
     key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
     divisors = torch.tensor(cfg[key], dtype=torch.float32)
-    if divisors.shape != (head_dim // 2,):
+    if divisors.shape != (dim // 2,):
         raise ValueError(
-            f"rope_scaling {key} has {divisors.numel()} entries, expected head_dim / 2 = {head_dim // 2}"
+            f"rope_scaling {key} has {divisors.numel()} entries, expected the rotary dimension / 2 = {dim // 2}"
         )
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (divisors * base**exponent)
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin table [max_positions, D/2] (each) in the model dtype."""
+    """Holds the cos/sin table [max_positions, R/2] (each) in the model dtype."""
 
     def __init__(
         self,
@@ -244,31 +247,38 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head_dim (got {head_dim})")
         self.head_dim = head_dim
+        self.rotary_dim = rotary_dim(head_dim, rope_scaling)
         config_len = max_positions if max_position_embeddings is None else max_position_embeddings
-        inv_freq = position_inv_freq(head_dim, base, rope_scaling, config_len, max_positions).to(device)
+        inv_freq = position_inv_freq(self.rotary_dim, base, rope_scaling, config_len, max_positions).to(
+            device
+        )
         t = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None]
-        freqs = t * inv_freq  # [P, D/2] fp32, cast only after cos/sin as the reference does
-        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, D]
+        freqs = t * inv_freq  # [P, R/2] fp32, cast only after cos/sin as the reference does
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, R]
         scale = attention_factor(rope_scaling, config_len)
         if scale != 1.0:
             cos_sin = cos_sin * scale
         self.register_buffer("cos_sin_cache", cos_sin.to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin), each [T, 1, D/2], shared by every layer of one forward."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, D]
+        """positions [T] -> (cos, sin), each [T, 1, R/2], shared by every layer of one forward."""
+        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, R]
         cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, n, D] (any strides, e.g. q and k as one slice of the qkv output) -> new [T, n, D]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
+    """Rotate x [T, n, D] (any strides, e.g. q and k as one slice of the qkv output) -> new [T, n, D]; cos and
+    sin [T, 1, R/2] rotate the first R dimensions, the rest are copied."""
+    half = cos.shape[-1]
+    rot = 2 * half
+    x1, x2 = x[..., :half], x[..., half:rot]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    o1, o2 = out[..., :half], out[..., half:]
+    o1, o2 = out[..., :half], out[..., half:rot]
     torch.mul(x1, cos, out=o1)
     o1.addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
     torch.mul(x2, cos, out=o2)
     o2.addcmul_(x1, sin)  # x2 cos + x1 sin
+    if rot < x.shape[-1]:
+        out[..., rot:] = x[..., rot:]
     return out

@@ -54,7 +54,7 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float |
         scaling["original_max_position_embeddings"] = int(original)
     partial = float(scaling.pop("partial_rotary_factor", None) or config.get("partial_rotary_factor") or 1.0)
     if partial != 1.0:
-        scaling["partial_rotary_factor"] = partial  # kept even for plain RoPE: the rotary layer refuses it
+        scaling["partial_rotary_factor"] = partial  # kept even for plain RoPE: the rotary layer needs it
     if scaling.get("rope_type", "default") == "default" and "partial_rotary_factor" not in scaling:
         scaling_or_none = None
     else:

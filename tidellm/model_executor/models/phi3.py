@@ -3,8 +3,8 @@ gate/up as one ``gate_up_proj`` matrix.
 
 Our merged layers load shard by shard, so the fused tensors are cut into their q/k/v and gate/up rows on
 the way in (the quantization swap then sees the same shards as for llama). Phi-3's rows are ordered
-``[q | k | v]`` and ``[gate | up]``, the order of our merged layers. LongRoPE (the 128k models) comes from
-the rotary layer; partial rotary embeddings and sliding windows are refused there and in llama.py.
+``[q | k | v]`` and ``[gate | up]``, the order of our merged layers. LongRoPE (the 128k models) and partial
+rotary embeddings (Phi-4-mini) come from the rotary layer; sliding windows are refused in llama.py.
 """
 
 from __future__ import annotations
