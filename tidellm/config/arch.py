@@ -11,6 +11,30 @@ from typing import Any
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLP settings (Mixtral, Qwen2-MoE, Qwen3-MoE), in one shape for every family."""
+
+    num_experts: int
+    num_experts_per_tok: int  # top k
+    intermediate_size: int  # of one routed expert
+    # Rescale the top-k routing weights to sum to one (Mixtral always; Qwen MoE when norm_topk_prob).
+    renormalize: bool
+    # Qwen2-MoE's always-on expert, scaled by a sigmoid gate; 0 = none.
+    shared_expert_intermediate_size: int = 0
+    # Layer i has the sparse MLP when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers;
+    # the other layers keep a dense MLP of the model's intermediate_size (Qwen MoE).
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+
+@dataclass
 class ArchConfig:
     """Hyper-parameters of a decoder (or encoder) model, in Hugging Face terms."""
 
@@ -39,5 +63,7 @@ class ArchConfig:
     eos_token_id: list[int] = field(default_factory=list)
     # dtype the checkpoint was saved in ("float32", "bfloat16", "float16"), if known.
     checkpoint_dtype: str | None = None
+    # Sparse MLP settings of a mixture-of-experts family; None for dense models.
+    moe: MoEConfig | None = None
     # Anything else from the source config, for families that need more.
     extra: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,9 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "phi3": "Phi3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "bert": "BertModel",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 # config.json spellings that mean one of the families above.

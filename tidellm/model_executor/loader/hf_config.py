@@ -10,21 +10,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tidellm.config.arch import ArchConfig
+from tidellm.config.arch import ArchConfig, MoEConfig
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.families import SUPPORTED_MODEL_TYPES, check_model_type
 
+# Mixture-of-experts families: transformers' config defaults for the keys config.json may omit.
+_MOE_DEFAULTS: dict[str, dict[str, int]] = {
+    "mixtral": {"num_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+    },
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+}  # fmt: skip
 # Keys consumed into ArchConfig fields; everything else in config.json is kept in ``extra``.
 _CONSUMED = {
     "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
     "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
     "hidden_act", "hidden_activation", "sliding_window", "use_sliding_window", "bos_token_id",
-    "eos_token_id", "torch_dtype", "dtype",
+    "eos_token_id", "torch_dtype", "dtype", "qkv_bias", *(k for d in _MOE_DEFAULTS.values() for k in d),
+    "num_local_experts", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
 }  # fmt: skip
 # Family defaults that transformers' config classes apply when config.json omits the key.
 _TIED_BY_DEFAULT = {"gemma3": True}
-_QK_NORM = {"qwen3", "gemma3"}
+_QK_NORM = {"qwen3", "gemma3", "qwen3_moe"}
+_QKV_BIAS_BY_DEFAULT = {"qwen2", "qwen2_moe"}
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
@@ -65,9 +76,37 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float |
 def _sliding_window(config: dict[str, Any], family: str) -> int | None:
     window = config.get("sliding_window")
     # Qwen configs carry a sliding_window value even when use_sliding_window is false.
-    if window is None or (family in ("qwen2", "qwen3") and not config.get("use_sliding_window", False)):
+    if window is None or (
+        family.startswith(("qwen2", "qwen3")) and not config.get("use_sliding_window", False)
+    ):
         return None
     return int(window)
+
+
+def _moe(config: dict[str, Any], family: str) -> MoEConfig | None:
+    """The sparse MLP settings of a mixture-of-experts family, whatever each family calls them."""
+    defaults = _MOE_DEFAULTS.get(family)
+    if defaults is None:
+        return None
+    cfg = {**defaults, **{k: v for k, v in config.items() if v is not None}}
+    # The expert count is num_local_experts or num_experts, depending on the family and transformers version.
+    cfg["num_experts"] = cfg.get("num_local_experts", cfg["num_experts"])
+    if family == "mixtral":  # every layer sparse; the expert size is intermediate_size; always renormalized
+        return MoEConfig(
+            num_experts=int(cfg["num_experts"]),
+            num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            renormalize=True,
+        )
+    return MoEConfig(
+        num_experts=int(cfg["num_experts"]),
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        intermediate_size=int(cfg["moe_intermediate_size"]),
+        renormalize=bool(cfg.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 0)),
+        decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
+    )
 
 
 def arch_from_hf_config(config: dict[str, Any], folder: Path) -> ArchConfig:
@@ -98,8 +137,10 @@ def arch_from_hf_config(config: dict[str, Any], folder: Path) -> ArchConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", _TIED_BY_DEFAULT.get(family, False))),
-            # Qwen2 always has q/k/v biases (its config has no attention_bias key).
-            attention_bias=bool(config.get("attention_bias", family == "qwen2")),
+            # Qwen2 always has q/k/v biases (its config has no attention_bias key); Qwen2-MoE says qkv_bias.
+            attention_bias=bool(
+                config.get("attention_bias", config.get("qkv_bias", family in _QKV_BIAS_BY_DEFAULT))
+            ),
             mlp_bias=bool(config.get("mlp_bias", False)),
             hidden_act=str(config.get("hidden_activation") or config.get("hidden_act") or "silu"),
             qk_norm=family in _QK_NORM,
@@ -107,6 +148,7 @@ def arch_from_hf_config(config: dict[str, Any], folder: Path) -> ArchConfig:
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=[] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])],
             checkpoint_dtype=config.get("dtype") or config.get("torch_dtype"),
+            moe=_moe(config, family),
             extra={k: v for k, v in config.items() if k not in _CONSUMED},
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -8,7 +8,7 @@ into the next norm.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
 from tidellm.model_executor.layers.weight_utils import default_weight_loader
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
+MakeMLP = Callable[[int], nn.Module | None]  # layer index -> its MLP, None for the dense LlamaMLP
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for the merged projections.
 STACKED_PARAMS: list[tuple[str, str, Hashable]] = [
@@ -105,12 +106,14 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         o_proj_bias: bool | None = None,
+        mlp: nn.Module | None = None,
     ) -> None:
+        """``mlp``: this layer's feed-forward block (default: the dense LlamaMLP)."""
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(arch, layer_idx, dtype, device, o_proj_bias)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, dtype, device)
+        self.mlp = mlp if mlp is not None else LlamaMLP(arch, dtype, device)
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, cos_sin: RotaryCosSin
@@ -128,12 +131,18 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, o_proj_bias: bool | None = None
+        self,
+        arch: ArchConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        o_proj_bias: bool | None = None,
+        make_mlp: MakeMLP | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, i, dtype, device, o_proj_bias) for i in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, i, dtype, device, o_proj_bias, None if make_mlp is None else make_mlp(i))
+            for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(
@@ -155,13 +164,18 @@ class LlamaForCausalLM(nn.Module):
     o_proj_bias: bool | None = None  # family flag (see LlamaAttention); subclasses override
 
     def __init__(
-        self, arch: ArchConfig, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+        self,
+        arch: ArchConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        make_mlp: MakeMLP | None = None,
     ) -> None:
+        """``make_mlp(layer_idx)``: a layer's feed-forward block, or None for the dense one (MoE models)."""
         super().__init__()
         device = torch.device("cpu") if device is None else torch.device(device)
         _check_supported(arch)
         self.arch = arch
-        self.model = LlamaModel(arch, dtype, device, self.o_proj_bias)
+        self.model = LlamaModel(arch, dtype, device, self.o_proj_bias, make_mlp)
         tied = self.model.embed_tokens if arch.tie_word_embeddings else None
         self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, dtype, device, tied_to=tied)
 
