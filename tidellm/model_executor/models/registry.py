@@ -17,9 +17,9 @@ _MODELS: dict[str, str] = {
     "MixtralForCausalLM": "tidellm.model_executor.models.moe:MixtralForCausalLM",
     "Qwen2MoeForCausalLM": "tidellm.model_executor.models.moe:Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM": "tidellm.model_executor.models.moe:Qwen3MoeForCausalLM",
-    "Phi3ForCausalLM": "tidellm.model_executor.models.phi3:Phi3ForCausalLM",
     "Qwen2ForCausalLM": "tidellm.model_executor.models.qwen2:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "tidellm.model_executor.models.qwen2:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "tidellm.model_executor.models.phi3:Phi3ForCausalLM",
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_MODELS))
@@ -32,7 +32,7 @@ def get_model_class(arch: ArchConfig | str) -> type[nn.Module]:
     if target is None:
         raise ValueError(
             f"Model architecture {name!r} is not supported. Supported architectures: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (`tidellm models` lists them with the named models)."
         )
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
