@@ -1,6 +1,9 @@
-"""The loader every parameter without a special layout uses."""
+"""The loader every parameter without a special layout uses, and the pieces every model's ``load_weights``
+shares: load one checkpoint tensor into a parameter (or one shard of it), and report what did not match."""
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
 
 import torch
 from torch import nn
@@ -11,3 +14,21 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     if tuple(loaded.shape) != tuple(param.shape):
         raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != expected {tuple(param.shape)}")
     param.data.copy_(loaded)
+
+
+def load_into(param: nn.Parameter, name: str, tensor: torch.Tensor, shard: Hashable | None = None) -> None:
+    """``tensor`` (checkpoint name ``name``) into ``param`` through its own loader, or one shard of it."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, tensor) if shard is None else loader(param, tensor, shard)
+    except ValueError as e:
+        raise ValueError(f"Cannot load weight {name!r}: {e}") from None
+
+
+def check_all_loaded(architecture: str, missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """ValueError naming every checkpoint weight the model still lacks and every one it has no place for."""
+    missing, unexpected = sorted(set(missing)), sorted(unexpected)
+    if missing or unexpected:
+        parts = [f"missing weights: {missing}"] if missing else []
+        parts += [f"unexpected weights: {unexpected}"] if unexpected else []
+        raise ValueError(f"{architecture} checkpoint does not match the model: " + "; ".join(parts))

@@ -20,7 +20,7 @@ from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.layers.attention.encoder import EncoderMetadata, encoder_attention
 from tidellm.model_executor.layers.embedding import VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, QKVLinear
-from tidellm.model_executor.layers.weight_utils import default_weight_loader
+from tidellm.model_executor.layers.weight_utils import check_all_loaded, load_into
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for the merged q/k/v projection.
 STACKED_PARAMS: list[tuple[str, str, Hashable]] = [
@@ -189,21 +189,9 @@ class BertModel(nn.Module):
             if param is None:
                 unexpected.append(name)
                 continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor) if shard is None else loader(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"Cannot load weight {name!r}: {e}") from None
+            load_into(param, name, tensor, shard)
             pending.pop((target, shard), None)
-        if unexpected or pending:
-            parts = []
-            if pending:
-                parts.append(f"missing weights: {sorted(pending.values())}")
-            if unexpected:
-                parts.append(f"unexpected weights: {sorted(unexpected)}")
-            raise ValueError(
-                f"{self.arch.architecture} checkpoint does not match the model: " + "; ".join(parts)
-            )
+        check_all_loaded(self.arch.architecture, pending.values(), unexpected)
         return set(params)
 
 

@@ -20,7 +20,7 @@ from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from tidellm.model_executor.layers.norm import RMSNorm
 from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
-from tidellm.model_executor.layers.weight_utils import default_weight_loader
+from tidellm.model_executor.layers.weight_utils import check_all_loaded, load_into
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
 MakeMLP = Callable[[int], nn.Module | None]  # layer index -> its MLP, None for the dense LlamaMLP
@@ -203,21 +203,9 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(name)
                 continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor) if shard is None else loader(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"Cannot load weight {name!r}: {e}") from None
+            load_into(param, name, tensor, shard)
             pending.pop((target, shard), None)
-        if unexpected or pending:
-            parts = []
-            if pending:
-                parts.append(f"missing weights: {sorted(pending.values())}")
-            if unexpected:
-                parts.append(f"unexpected weights: {sorted(unexpected)}")
-            raise ValueError(
-                f"{self.arch.architecture} checkpoint does not match the model: " + "; ".join(parts)
-            )
+        check_all_loaded(self.arch.architecture, pending.values(), unexpected)
         return set(params)
 
 

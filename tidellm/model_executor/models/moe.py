@@ -24,7 +24,7 @@ from torch import nn
 from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.layers.fused_moe import FusedMoE
 from tidellm.model_executor.layers.linear import matmul_in_fp32
-from tidellm.model_executor.layers.weight_utils import default_weight_loader
+from tidellm.model_executor.layers.weight_utils import check_all_loaded, load_into
 from tidellm.model_executor.models.llama import (
     IGNORED_SUFFIXES,
     STACKED_PARAMS,
@@ -122,24 +122,12 @@ class MoeForCausalLM(LlamaForCausalLM):
             if param is None:
                 unexpected.append(name)
                 continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            try:
-                loader(param, tensor) if shard is None else loader(param, tensor, shard)
-            except ValueError as e:
-                raise ValueError(f"Cannot load weight {name!r}: {e}") from None
+            load_into(param, name, tensor, shard)
             if shard is None and target in stacked:  # a whole stacked tensor: every expert's piece at once
                 for key in [k for k in pending if k[0] == target]:
                     del pending[key]
             pending.pop((target, shard), None)
-        if unexpected or pending:
-            parts = []
-            if pending:
-                parts.append(f"missing weights: {sorted(set(pending.values()))}")
-            if unexpected:
-                parts.append(f"unexpected weights: {sorted(unexpected)}")
-            raise ValueError(
-                f"{self.arch.architecture} checkpoint does not match the model: " + "; ".join(parts)
-            )
+        check_all_loaded(self.arch.architecture, pending.values(), unexpected)
         return set(params)
 
     def _expected(self, params: dict[str, nn.Parameter]) -> dict[tuple[str, Hashable], str]:
