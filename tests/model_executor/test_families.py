@@ -282,3 +282,42 @@ def test_v4_phi3_config_top_level_original_context(tmp_path) -> None:
     torch.testing.assert_close(cos_sin[0, :8], torch.full((8,), scale.item()))
     angle = torch.tensor([31.0, 32.0]) * (1.0 / torch.tensor([1.0, 2.0]))  # dimension 0: base**0 == 1
     torch.testing.assert_close(cos_sin[[31, 32], 0], angle.cos() * scale)
+
+
+# ---------------------------------------------------------------- contexts extended by RoPE scaling
+EXTENDED: dict[str, tuple[type, dict[str, Any], int]] = {
+    # (config class, rope parameters on a 32-position base, the context we then allow)
+    "yarn": (transformers.Qwen2Config, {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}, 64),
+    "dynamic": (transformers.LlamaConfig, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}, 64),
+    # linear configs state their extended length in max_position_embeddings already
+    "linear": (transformers.LlamaConfig, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, 32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXTENDED))
+def test_rope_scaling_extends_the_context(kind: str, tmp_path) -> None:
+    """YaRN and dynamic NTK on a 32-position base serve 64 positions (base x factor, as vLLM allows): a
+    20-token prompt generates 40 tokens past the base context, token for token what transformers decodes
+    with its KV cache; max_model_len above the extended context is refused."""
+    cls, rope, allowed = EXTENDED[kind]
+    torch.manual_seed(5)
+    config = cls(**{**COMMON, "max_position_embeddings": 32, "rope_parameters": rope})
+    hf = randomize_(transformers.AutoModelForCausalLM.from_config(config))
+    hf.save_pretrained(tmp_path)
+    _write_tokenizer(tmp_path)
+    assert _arch(tmp_path).max_context_len == allowed
+    kw = dict(dtype="float32", kv_cache_memory_gb=0.01, block_size=4, log_level="WARNING")
+    with pytest.raises(
+        ValueError, match=rf"max_model_len={allowed + 1} exceeds the model's context length \({allowed}\)"
+    ):
+        LLM(str(tmp_path), max_model_len=allowed + 1, **kw)
+    if allowed == 32:
+        return
+    prompt = torch.randint(2, VOCAB - 1, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    new = allowed - 20 - 4
+    reference = hf_greedy(hf, [prompt], new, [EOS], stepwise=True)
+    llm = LLM(str(tmp_path), max_model_len=allowed, **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=new, logprobs=0)
+    out = llm.generate([prompt], params, use_tqdm=False)
+    assert len(prompt) + len(out[0].outputs[0].token_ids) > 32 + 8  # well past the base context
+    check_outputs(out, reference)

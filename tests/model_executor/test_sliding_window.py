@@ -235,3 +235,39 @@ def test_llm_preemption_and_prefix_hits_with_released_blocks(mistral) -> None:
     scheduler = llm.engine.core.scheduler
     assert scheduler.num_preemptions > 0 and scheduler.kv.stats.hits > 0
     check_outputs(outputs, hf_greedy(hf, prompts, MAX_NEW, [EOS]))
+
+
+# ---------------------------------------------------------------- the other families that slide every layer
+OTHERS = {
+    "phi3": lambda: transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(**MISTRAL, original_max_position_embeddings=128)
+    ),
+    "mixtral": lambda: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**MISTRAL, num_local_experts=4, num_experts_per_tok=2)
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHERS))
+def other(request, tmp_path_factory) -> tuple[transformers.PreTrainedModel, Path]:
+    torch.manual_seed(1)
+    hf = randomize_(OTHERS[request.param]().float().eval())
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    _write_tokenizer(folder)
+    return hf, folder
+
+
+def test_phi3_and_mixtral_slide_every_layer(other) -> None:
+    """transformers applies their configured window in every layer (Phi-3-mini-4k: 2047 of 4096): so do we,
+    in the paged model and through the real engine."""
+    hf, folder = other
+    arch = _arch(folder)
+    assert arch.sliding_window == WINDOW
+    _run_engine(hf, torch.float32, "cpu", atol=1e-4, arch=arch)
+    prompts = _prompts()
+    reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
+    llm = LLM(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, block_size=4,
+              max_num_batched_tokens=8, log_level="WARNING")  # fmt: skip
+    assert llm.engine.core.scheduler.kv.sliding_window == WINDOW
+    check_outputs(llm.generate(prompts, GREEDY, use_tqdm=False), reference)

@@ -67,3 +67,22 @@ class ArchConfig:
     moe: MoEConfig | None = None
     # Anything else from the source config, for families that need more.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest sequence the position encoding is configured for. RoPE scaling that extends a base
+        context says so: YaRN and dynamic NTK configs (Qwen's YaRN recipe keeps max_position_embeddings at the
+        base 32768 with factor 4) reach base x factor, the base being original_max_position_embeddings when
+        given; linear, llama3 and LongRoPE configs already state the extended length in
+        max_position_embeddings (Llama 3.1: 131072), unless they name a smaller original one."""
+        cfg = self.rope_scaling or {}
+        factor = float(cfg.get("factor") or 1.0)
+        kind = cfg.get("rope_type", "default")
+        if factor <= 1.0 or kind in ("default", "llama3", "longrope"):
+            return self.max_position_embeddings
+        original = cfg.get("original_max_position_embeddings")
+        if original:
+            return max(self.max_position_embeddings, int(original * factor))
+        if kind in ("yarn", "dynamic"):
+            return int(self.max_position_embeddings * factor)
+        return self.max_position_embeddings

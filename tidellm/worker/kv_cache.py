@@ -64,10 +64,10 @@ def plan_kv_cache(
         budget = int(min(DEFAULT_KV_GIB * 2**30, available_memory_bytes(device) * DEFAULT_KV_SHARE))
     num_blocks = budget // per_block
     capacity = num_blocks * bs
-    max_len = config.model.max_model_len or arch.max_position_embeddings
-    if config.model.max_model_len is not None and max_len > arch.max_position_embeddings:
+    max_len = config.model.max_model_len or arch.max_context_len
+    if config.model.max_model_len is not None and max_len > arch.max_context_len:
         raise ValueError(
-            f"max_model_len={max_len} exceeds the model's context length ({arch.max_position_embeddings}); "
+            f"max_model_len={max_len} exceeds the model's context length ({arch.max_context_len}); "
             "lower max_model_len."
         )
     if num_blocks < 1 or capacity < max_len:

@@ -149,10 +149,11 @@ class Gemma3Model(nn.Module):
             for i, sliding in enumerate(layer_is_sliding(arch))
         )
         self.norm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        max_pos = arch.max_position_embeddings
+        max_pos = arch.max_context_len
         self.rotary_emb = RotaryEmbedding(
-            arch.head_dim, max_pos, arch.rope_theta, arch.rope_scaling, dtype, device
-        )
+            arch.head_dim, max_pos, arch.rope_theta, arch.rope_scaling, dtype, device,
+            max_position_embeddings=arch.max_position_embeddings,
+        )  # fmt: skip
         local_base = float(arch.extra.get("rope_local_base_freq") or DEFAULT_LOCAL_ROPE_BASE)
         self.rotary_emb_local = RotaryEmbedding(arch.head_dim, max_pos, local_base, None, dtype, device)
 

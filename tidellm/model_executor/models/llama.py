@@ -33,6 +33,9 @@ STACKED_PARAMS: list[tuple[str, str, Hashable]] = [
     (".gate_up_proj.", ".gate_proj.", 0),
     (".gate_up_proj.", ".up_proj.", 1),
 ]
+# Families whose transformers attention applies the config's sliding_window in every layer (Mistral, Mixtral,
+# Phi-3: e.g. Phi-3-mini-4k's window of 2047); Llama ignores the key, Qwen2 has per-layer rules.
+SLIDES_EVERY_LAYER = frozenset({"mistral", "mixtral", "phi3"})
 # Buffers some checkpoints carry that we recompute.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -74,8 +77,8 @@ class LlamaAttention(nn.Module):
         # Qwen3: RMSNorm over each head's dimensions of q and of k, before RoPE.
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps, dtype, device) if arch.qk_norm else None
-        # transformers slides every layer of Mistral; the other families refuse a window (_check_supported).
-        window = arch.sliding_window if arch.model_type == "mistral" else None
+        # transformers slides every layer of these families; the others refuse a window (_check_supported).
+        window = arch.sliding_window if arch.model_type in SLIDES_EVERY_LAYER else None
         self.attn = Attention(
             self.num_heads, self.head_dim, self.num_kv_heads, layer_idx, sliding_window=window
         )
@@ -146,8 +149,9 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.rotary_emb = RotaryEmbedding(
-            arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling, dtype, device
-        )
+            arch.head_dim, arch.max_context_len, arch.rope_theta, arch.rope_scaling, dtype, device,
+            max_position_embeddings=arch.max_position_embeddings,
+        )  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
@@ -211,8 +215,8 @@ class LlamaForCausalLM(nn.Module):
 
 def _check_supported(arch: ArchConfig) -> None:
     """Refuse family features this class does not implement rather than compute something else."""
-    windowed = arch.sliding_window is not None and arch.sliding_window < arch.max_position_embeddings
-    if windowed and arch.model_type != "mistral":  # Mistral slides every layer (LlamaAttention)
+    windowed = arch.sliding_window is not None and arch.sliding_window < arch.max_context_len
+    if windowed and arch.model_type not in SLIDES_EVERY_LAYER:
         raise ValueError(
             f"{arch.architecture}: sliding-window attention (sliding_window={arch.sliding_window}) is not "
             "supported yet"

@@ -4,7 +4,8 @@ gate/up as one ``gate_up_proj`` matrix.
 Our merged layers load shard by shard, so the fused tensors are cut into their q/k/v and gate/up rows on
 the way in (the quantization swap then sees the same shards as for llama). Phi-3's rows are ordered
 ``[q | k | v]`` and ``[gate | up]``, the order of our merged layers. LongRoPE (the 128k models) and partial
-rotary embeddings (Phi-4-mini) come from the rotary layer; sliding windows are refused in llama.py.
+rotary embeddings (Phi-4-mini) come from the rotary layer; a configured sliding window applies to every layer
+(llama.SLIDES_EVERY_LAYER), as in transformers.
 """
 
 from __future__ import annotations
