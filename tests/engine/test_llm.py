@@ -173,3 +173,21 @@ def test_priority_order_under_load():
     outs = llm.generate(["a", "b", "c"], p, priority=[5, 0, 1], use_tqdm=False)
     order = sorted(range(3), key=lambda i: outs[i].metrics.first_token_time)
     assert order == [1, 2, 0]
+
+
+def test_vllm_style_prompt_dicts(llm_fp32):
+    """vLLM's TextPrompt / TokensPrompt dicts give what the string and the token ids give."""
+    from tidellm import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=5)
+    text = "The capital of France is"
+    ids = llm_fp32.get_tokenizer().encode(text)
+    plain = [o.outputs[0].token_ids for o in llm_fp32.generate([text, ids], greedy, use_tqdm=False)]
+    dicts = llm_fp32.generate([{"prompt": text}, {"prompt_token_ids": ids}], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == plain
+    one = llm_fp32.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in one] == plain[1:]
+    with pytest.raises(
+        ValueError, match="exactly one key, 'prompt'.*got keys \\['multi_modal_data', 'prompt'\\]"
+    ):
+        llm_fp32.generate({"prompt": text, "multi_modal_data": {}}, greedy, use_tqdm=False)

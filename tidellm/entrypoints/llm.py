@@ -153,12 +153,28 @@ class LLM:
 
 
 def _as_prompt_list(prompts) -> list[str | list[int]]:
-    if isinstance(prompts, str):
-        return [prompts]
+    if isinstance(prompts, (str, dict)):
+        return [_one_prompt(prompts)]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single prompt given as token ids
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+    return [_one_prompt(p) for p in prompts]
+
+
+def _one_prompt(p) -> str | list[int]:
+    """A string, token ids, or vLLM's prompt dicts: ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}``."""
+    if isinstance(p, str):
+        return p
+    if isinstance(p, dict):
+        if set(p) == {"prompt"} and isinstance(p["prompt"], str):
+            return p["prompt"]
+        if set(p) == {"prompt_token_ids"}:
+            return list(p["prompt_token_ids"])
+        raise ValueError(
+            f"A prompt dict takes exactly one key, 'prompt' (a string) or 'prompt_token_ids' (a list of ints); "
+            f"got keys {sorted(p)}."
+        )
+    return list(p)
 
 
 def _broadcast(params, n: int) -> list[SamplingParams]:
