@@ -3,7 +3,7 @@ shares: load one checkpoint tensor into a parameter (or one shard of it), and re
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -32,3 +32,36 @@ def check_all_loaded(architecture: str, missing: Iterable[str], unexpected: Iter
         parts = [f"missing weights: {missing}"] if missing else []
         parts += [f"unexpected weights: {unexpected}"] if unexpected else []
         raise ValueError(f"{architecture} checkpoint does not match the model: " + "; ".join(parts))
+
+
+def load_named_weights(
+    architecture: str,
+    params: dict[str, nn.Parameter],
+    expected: dict[tuple[str, Hashable], str],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked: Sequence[tuple[str, str, Hashable]],
+    rename: Callable[[str], str | None] = lambda name: name,
+) -> set[str]:
+    """Stream checkpoint tensors into ``params``: ``rename`` maps a checkpoint name to ours (None: skip it),
+    ``stacked`` entries (our fragment, checkpoint fragment, shard id) route a tensor to one shard of a merged
+    parameter, and ``expected`` ((parameter, shard) -> checkpoint name) is what must arrive. Raises ValueError
+    naming every missing or unexpected weight; returns the parameter names."""
+    pending = dict(expected)
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        renamed = rename(name)
+        if renamed is None:
+            continue
+        target, shard = renamed, None
+        for ours, theirs, shard_id in stacked:
+            if theirs in renamed:
+                target, shard = renamed.replace(theirs, ours), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(renamed)
+            continue
+        load_into(param, renamed, tensor, shard)
+        pending.pop((target, shard), None)
+    check_all_loaded(architecture, pending.values(), unexpected)
+    return set(params)

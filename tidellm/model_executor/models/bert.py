@@ -20,7 +20,7 @@ from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.layers.attention.encoder import EncoderMetadata, encoder_attention
 from tidellm.model_executor.layers.embedding import VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, QKVLinear
-from tidellm.model_executor.layers.weight_utils import check_all_loaded, load_into
+from tidellm.model_executor.layers.weight_utils import load_named_weights
 
 # (our parameter name fragment, checkpoint name fragment, shard id) for the merged q/k/v projection.
 STACKED_PARAMS: list[tuple[str, str, Hashable]] = [
@@ -174,25 +174,14 @@ class BertModel(nn.Module):
         """Load Hugging Face-named tensors (with or without the ``bert.`` prefix of task checkpoints);
         raises ValueError naming every missing or unexpected weight."""
         params = dict(self.named_parameters())
-        pending = _expected(params)
-        unexpected: list[str] = []
-        for name, tensor in weights:
+
+        def rename(name: str) -> str | None:
             name = _normalize_name(name)
-            if name.startswith(_SKIPPED_PREFIXES) or name.endswith(_SKIPPED_SUFFIXES):
-                continue
-            target, shard = name, None
-            for ours, theirs, shard_id in STACKED_PARAMS:
-                if theirs in name:
-                    target, shard = name.replace(theirs, ours), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
-                unexpected.append(name)
-                continue
-            load_into(param, name, tensor, shard)
-            pending.pop((target, shard), None)
-        check_all_loaded(self.arch.architecture, pending.values(), unexpected)
-        return set(params)
+            return None if name.startswith(_SKIPPED_PREFIXES) or name.endswith(_SKIPPED_SUFFIXES) else name
+
+        return load_named_weights(
+            self.arch.architecture, params, _expected(params), weights, STACKED_PARAMS, rename
+        )
 
 
 def _normalize_name(name: str) -> str:

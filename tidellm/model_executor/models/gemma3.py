@@ -20,10 +20,10 @@ from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.layers.activation import GeluTanhAndMul
 from tidellm.model_executor.layers.attention import Attention
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
-from tidellm.model_executor.layers.linear import Linear, MergedColumnLinear, QKVLinear
+from tidellm.model_executor.layers.linear import Linear, QKVLinear
 from tidellm.model_executor.layers.norm import GemmaRMSNorm
 from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
-from tidellm.model_executor.models.llama import STACKED_PARAMS, LlamaForCausalLM
+from tidellm.model_executor.models.llama import STACKED_PARAMS, LlamaForCausalLM, LlamaMLP
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
 
@@ -45,18 +45,6 @@ def layer_is_sliding(arch: ArchConfig) -> list[bool]:
             f"{arch.architecture}: layer_types must list {n} entries of {SLIDING!r} / {FULL!r} (got {types!r})"
         )
     return [t == SLIDING for t in types]
-
-
-class Gemma3MLP(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        kw = dict(bias=False, dtype=dtype, device=device)
-        self.gate_up_proj = MergedColumnLinear(arch.hidden_size, [arch.intermediate_size] * 2, **kw)
-        self.act_fn = GeluTanhAndMul()
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
 class Gemma3Attention(nn.Module):
@@ -114,7 +102,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(arch, layer_idx, is_sliding, dtype, device)
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
-        self.mlp = Gemma3MLP(arch, dtype, device)
+        self.mlp = LlamaMLP(arch, dtype, device, act_fn=GeluTanhAndMul())  # GeGLU, no biases
         self.post_feedforward_layernorm = norm()
 
     def forward(

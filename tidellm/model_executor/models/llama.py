@@ -20,7 +20,7 @@ from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from tidellm.model_executor.layers.norm import RMSNorm
 from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
-from tidellm.model_executor.layers.weight_utils import check_all_loaded, load_into
+from tidellm.model_executor.layers.weight_utils import load_named_weights
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
 MakeMLP = Callable[[int], nn.Module | None]  # layer index -> its MLP, None for the dense LlamaMLP
@@ -41,13 +41,17 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Gated MLP: down(act(gate) * up). ``act_fn`` (default SiLU) lets other families reuse it (Gemma: GeGLU)."""
+
+    def __init__(
+        self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, act_fn: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        if arch.hidden_act != "silu":
+        if act_fn is None and arch.hidden_act != "silu":
             raise ValueError(f"LlamaForCausalLM supports hidden_act='silu' only (got {arch.hidden_act!r})")
         kw = dict(bias=arch.mlp_bias, dtype=dtype, device=device)
         self.gate_up_proj = MergedColumnLinear(arch.hidden_size, [arch.intermediate_size] * 2, **kw)
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul() if act_fn is None else act_fn
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,24 +197,14 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load Hugging Face-named tensors; raises ValueError naming every missing or unexpected weight."""
         params = dict(self.named_parameters())
-        pending = _expected_shards(self, params)
-        unexpected: list[str] = []
-        for name, tensor in weights:
-            if name.endswith(IGNORED_SUFFIXES) or (self.lm_head.tied and name == "lm_head.weight"):
-                continue
-            target, shard = name, None
-            for ours, theirs, shard_id in STACKED_PARAMS:
-                if theirs in name:
-                    target, shard = name.replace(theirs, ours), shard_id
-                    break
-            param = params.get(target)
-            if param is None:
-                unexpected.append(name)
-                continue
-            load_into(param, name, tensor, shard)
-            pending.pop((target, shard), None)
-        check_all_loaded(self.arch.architecture, pending.values(), unexpected)
-        return set(params)
+        tied = self.lm_head.tied
+
+        def rename(name: str) -> str | None:
+            return None if name.endswith(IGNORED_SUFFIXES) or (tied and name == "lm_head.weight") else name
+
+        return load_named_weights(
+            self.arch.architecture, params, _expected_shards(self, params), weights, STACKED_PARAMS, rename
+        )
 
 
 def _check_supported(arch: ArchConfig) -> None:
