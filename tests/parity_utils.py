@@ -72,3 +72,28 @@ def check_outputs(outputs, reference: Sequence[Reference], *, logprob_tol: float
         if logprob_tol is not None:
             lps = [lp_dict[t].logprob for lp_dict, t in zip(out.outputs[0].logprobs, got, strict=True)]
             assert lps == pytest.approx(ref_lps, abs=logprob_tol), f"prompt {i}"
+
+
+def arch_of(folder):
+    """The ArchConfig the engine builds from a saved folder's config.json (through the loader's parsing)."""
+    import json
+
+    from tidellm.model_executor.loader.hf_config import arch_from_hf_config
+
+    return arch_from_hf_config(json.loads((folder / "config.json").read_text()), folder)
+
+
+def cached_folders(tmp_path_factory, build, write_tokenizer):
+    """case -> (transformers model, its safetensors folder), each built (``build(case)``) and saved once."""
+    built = {}
+
+    def get(case: str):
+        if case not in built:
+            hf = build(case)
+            folder = tmp_path_factory.mktemp(case)
+            hf.save_pretrained(folder)
+            write_tokenizer(folder)
+            built[case] = (hf, folder)
+        return built[case]
+
+    return get

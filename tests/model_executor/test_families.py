@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from parity_utils import check_outputs, hf_greedy
+from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy
 from test_llama import DEVICES, _run_engine, randomize_
 
 from tidellm import LLM, SamplingParams
@@ -153,22 +153,7 @@ def _write_tokenizer(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def family_folder(tmp_path_factory):
     """case -> (transformers model, its safetensors folder), built once per case."""
-    built: dict[str, tuple[transformers.PreTrainedModel, Path]] = {}
-
-    def get(case: str):
-        if case not in built:
-            hf = _hf_model(case)
-            folder = tmp_path_factory.mktemp(case)
-            hf.save_pretrained(folder)
-            _write_tokenizer(folder)
-            built[case] = (hf, folder)
-        return built[case]
-
-    return get
-
-
-def _arch(folder: Path):
-    return arch_from_hf_config(json.loads((folder / "config.json").read_text()), folder)
+    return cached_folders(tmp_path_factory, _hf_model, _write_tokenizer)
 
 
 # ---------------------------------------------------------------- paged model vs full-sequence forward
@@ -176,7 +161,7 @@ def _arch(folder: Path):
 @pytest.mark.parametrize("case", [c for c in CASES if c not in CROSSING])
 def test_paged_parity_fp32(case: str, device: str, family_folder) -> None:
     hf, folder = family_folder(case)
-    arch = _arch(folder)  # through the loader's config parsing, as the engine does
+    arch = arch_of(folder)  # through the loader's config parsing, as the engine does
     assert arch.architecture == type(hf).__name__
     _run_engine(hf, torch.float32, device, atol=1e-4, arch=arch)
 
@@ -219,7 +204,7 @@ def test_llm_parity_fp32(case: str, family_folder) -> None:
 # ---------------------------------------------------------------- loading and refusals
 def test_phi3_fused_weights_split_and_checked(family_folder) -> None:
     hf, folder = family_folder("phi3")
-    arch = _arch(folder)
+    arch = arch_of(folder)
     model = get_model_class(arch)(arch)
     model.load_weights(hf.state_dict().items())
     attn, hf_attn = model.model.layers[1].self_attn, hf.model.layers[1].self_attn
@@ -246,7 +231,7 @@ def test_qwen2_has_no_o_proj_bias_and_qwen3_norms_heads(family_folder) -> None:
 
 
 def _fresh_from(folder: Path):
-    arch = _arch(folder)
+    arch = arch_of(folder)
     return get_model_class(arch)(arch)
 
 
@@ -305,7 +290,7 @@ def test_rope_scaling_extends_the_context(kind: str, tmp_path) -> None:
     hf = randomize_(transformers.AutoModelForCausalLM.from_config(config))
     hf.save_pretrained(tmp_path)
     _write_tokenizer(tmp_path)
-    assert _arch(tmp_path).max_context_len == allowed
+    assert arch_of(tmp_path).max_context_len == allowed
     kw = dict(dtype="float32", kv_cache_memory_gb=0.01, block_size=4, log_level="WARNING")
     with pytest.raises(
         ValueError, match=rf"max_model_len={allowed + 1} exceeds the model's context length \({allowed}\)"

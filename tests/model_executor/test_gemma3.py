@@ -11,13 +11,12 @@ tokens identical, logprobs within 1e-3, alone, batched, chunked, with prefix hit
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from parity_utils import check_outputs, hf_greedy
+from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy
 from test_families import _write_tokenizer
 from test_llama import DEVICES, _run_engine, randomize_
 
@@ -77,27 +76,12 @@ def _hf_model(case: str, seed: int = 0) -> transformers.Gemma3ForCausalLM:
 @pytest.fixture(scope="module")
 def gemma_folder(tmp_path_factory):
     """case -> (transformers model, its safetensors folder), built once per case."""
-    built: dict[str, tuple[transformers.PreTrainedModel, Path]] = {}
-
-    def get(case: str):
-        if case not in built:
-            hf = _hf_model(case)
-            folder = tmp_path_factory.mktemp(case)
-            hf.save_pretrained(folder)
-            _write_tokenizer(folder)
-            built[case] = (hf, folder)
-        return built[case]
-
-    return get
-
-
-def _arch(folder: Path):
-    return arch_from_hf_config(json.loads((folder / "config.json").read_text()), folder)
+    return cached_folders(tmp_path_factory, _hf_model, _write_tokenizer)
 
 
 def test_config_and_layers(gemma_folder) -> None:
     hf, folder = gemma_folder("base")
-    arch = _arch(folder)
+    arch = arch_of(folder)
     assert (arch.architecture, arch.model_type, arch.sliding_window) == (
         "Gemma3ForCausalLM",
         "gemma3",
@@ -138,13 +122,13 @@ def test_v4_config_with_sliding_window_pattern(gemma_folder, tmp_path) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_parity_fp32(case: str, device: str, gemma_folder) -> None:
     hf, folder = gemma_folder(case)
-    _run_engine(hf, torch.float32, device, atol=1e-4, arch=_arch(folder))
+    _run_engine(hf, torch.float32, device, atol=1e-4, arch=arch_of(folder))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_runs_close(device: str, gemma_folder) -> None:
     hf, folder = gemma_folder("base")
-    _run_engine(hf, torch.bfloat16, device, atol=0.15, rtol=0.05, arch=_arch(folder))
+    _run_engine(hf, torch.bfloat16, device, atol=0.15, rtol=0.05, arch=arch_of(folder))
 
 
 # ---------------------------------------------------------------- the real engine vs generate

@@ -12,20 +12,18 @@ so small that requests are preempted and resumed).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from parity_utils import check_outputs, hf_greedy
+from parity_utils import arch_of, check_outputs, hf_greedy
 from test_families import _write_tokenizer
 from test_llama import BLOCK_SIZE, DEVICES, EngineSim, SimRequest, _build, _run_engine, randomize_
 
 from tidellm import LLM, SamplingParams
 from tidellm.model_executor.layers.attention import AttentionMetadata, sdpa_backend, uniform_sliding_window
-from tidellm.model_executor.loader.hf_config import arch_from_hf_config
 
 VOCAB = 256
 EOS = VOCAB - 1
@@ -53,10 +51,6 @@ def mistral(tmp_path_factory) -> tuple[transformers.PreTrainedModel, Path]:
     hf.save_pretrained(folder)
     _write_tokenizer(folder)
     return hf, folder
-
-
-def _arch(folder: Path):
-    return arch_from_hf_config(json.loads((folder / "config.json").read_text()), folder)
 
 
 # ---------------------------------------------------------------- metadata views
@@ -102,7 +96,7 @@ def test_window_views_cut_keys_to_the_window() -> None:
 # ---------------------------------------------------------------- paged model vs transformers
 def test_config_gives_every_layer_the_window(mistral) -> None:
     _, folder = mistral
-    arch = _arch(folder)
+    arch = arch_of(folder)
     assert (arch.architecture, arch.model_type, arch.sliding_window) == (
         "MistralForCausalLM",
         "mistral",
@@ -116,7 +110,7 @@ def test_config_gives_every_layer_the_window(mistral) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_parity_fp32(mistral, device: str) -> None:
     hf, folder = mistral
-    _run_engine(hf, torch.float32, device, atol=1e-4, arch=_arch(folder))
+    _run_engine(hf, torch.float32, device, atol=1e-4, arch=arch_of(folder))
 
 
 def test_paged_parity_gather_path(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,7 +118,7 @@ def test_paged_parity_gather_path(mistral, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sdpa_backend, "_use_cpu_kernel", lambda q, kv_cache: False)
     monkeypatch.setattr(sdpa_backend, "CPU_DECODE_CHUNK_BYTES", 1)  # one request per gather chunk
     hf, folder = mistral
-    _run_engine(hf, torch.float32, "cpu", atol=1e-4, arch=_arch(folder))
+    _run_engine(hf, torch.float32, "cpu", atol=1e-4, arch=arch_of(folder))
 
 
 @pytest.mark.parametrize("gather", [False, True])
@@ -134,7 +128,7 @@ def test_blocks_behind_the_window_are_never_read(mistral, gather: bool, monkeypa
     if gather:
         monkeypatch.setattr(sdpa_backend, "_use_cpu_kernel", lambda q, kv_cache: False)
     hf, folder = mistral
-    model, kv = _build(hf, torch.float32, "cpu", _arch(folder))
+    model, kv = _build(hf, torch.float32, "cpu", arch_of(folder))
     sim = EngineSim(model, kv, BLOCK_SIZE, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     reqs = [SimRequest(torch.randint(0, VOCAB, (n,), generator=g).tolist()) for n in (30, 19, 24)]
@@ -262,7 +256,7 @@ def test_phi3_and_mixtral_slide_every_layer(other) -> None:
     """transformers applies their configured window in every layer (Phi-3-mini-4k: 2047 of 4096): so do we,
     in the paged model and through the real engine."""
     hf, folder = other
-    arch = _arch(folder)
+    arch = arch_of(folder)
     assert arch.sliding_window == WINDOW
     _run_engine(hf, torch.float32, "cpu", atol=1e-4, arch=arch)
     prompts = _prompts()
