@@ -35,6 +35,21 @@ def _is_num(v: Any) -> bool:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's ``StructuredOutputsParams``): exactly one field is set.
+
+    ``json`` is a JSON schema (a dict, or its text); ``json_object`` asks for any JSON object; ``regex`` and
+    ``grammar`` (EBNF / GBNF) are matched in full; ``choice`` is a list of strings, one of which is the output.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+@dataclass
 class SamplingParams:
     """How to sample one request's completion(s). See the OpenAI / vLLM docs for the meaning of each field."""
 
@@ -59,6 +74,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
