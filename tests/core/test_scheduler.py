@@ -48,18 +48,18 @@ def test_chunked_prefill_then_decode():
     s.add_request(req("a", n_prompt=20, max_tokens=3))
     o1, e1 = run_step(s)
     assert o1.num_scheduled_tokens == {"a": 8} and e1 == []
-    assert o1.scheduled_new_reqs[0].block_ids == [0, 1]
+    assert o1.scheduled_new_reqs[0].block_ids == [[0, 1]]
     o2, _ = run_step(s)
     assert o2.num_scheduled_tokens == {"a": 8}
     assert (
-        o2.scheduled_cached_reqs[0].new_block_ids == [2, 3]
+        o2.scheduled_cached_reqs[0].new_block_ids == [[2, 3]]
         and o2.scheduled_cached_reqs[0].num_computed_tokens == 8
     )
     o3, e3 = run_step(s)
     assert o3.num_scheduled_tokens == {"a": 4} and e3[0].new_token_ids == [7]
     o4, _ = run_step(s)
     assert o4.num_scheduled_tokens == {"a": 1}
-    assert o4.scheduled_cached_reqs[0].new_block_ids == [5]  # token 21 opens block 5
+    assert o4.scheduled_cached_reqs[0].new_block_ids == [[5]]  # token 21 opens block 5
     _, e5 = run_step(s)
     assert e5[0].finish_reason == "length"
     assert not s.has_unfinished_requests()
@@ -124,7 +124,7 @@ def test_preemption_by_recompute_and_resume():
     s.add_request(req("a", n_prompt=8, max_tokens=12, arrival=0))
     s.add_request(req("b", n_prompt=8, max_tokens=12, arrival=1))
     o, _ = run_step(s)
-    assert s.kv.get_block_ids("a") == [0, 1] and s.kv.get_block_ids("b") == [2, 3]
+    assert s.kv.get_block_ids("a") == [[0, 1]] and s.kv.get_block_ids("b") == [[2, 3]]
     run_step(s)  # tokens 9: a → block 4, b → block 5
     assert s.kv.pool.num_free_blocks == 0
     for _ in range(3):
@@ -146,7 +146,7 @@ def test_preemption_by_recompute_and_resume():
     assert new.req_id == "b" and new.output_token_ids == [7] * n_out_b
     # b's blocks were freed tail first ([5, 3, 2]); a grew into 5 and 3, evicting them, so only block 2
     # (tokens 0-3) is still cached and b recomputes the rest.
-    assert new.block_ids[0] == 2 and new.num_computed_tokens == 4
+    assert new.block_ids[0][0] == 2 and new.num_computed_tokens == 4
     assert o.num_scheduled_tokens == {"b": 13 - 4}
     while s.has_unfinished_requests():
         run_step(s)

@@ -21,7 +21,8 @@ from test_families import _write_tokenizer
 from test_llama import DEVICES, _run_engine, randomize_
 
 from tidellm import LLM, SamplingParams
-from tidellm.model_executor.layers.attention import uniform_sliding_window
+from tidellm.core.kv_cache.groups import KVCacheGroups
+from tidellm.model_executor.layers.attention import layer_windows
 from tidellm.model_executor.loader.hf_config import arch_from_hf_config
 from tidellm.model_executor.models.registry import get_model_class
 
@@ -93,8 +94,14 @@ def test_config_and_layers(gemma_folder) -> None:
     windows = [layer.self_attn.attn.sliding_window for layer in model.model.layers]
     assert windows == [WINDOW, None, WINDOW, WINDOW]
     assert model.model.layers[1].self_attn.attn.scale == 24**-0.5
-    # Mixed layers: the global one reads every block, so none may be released early.
-    assert uniform_sliding_window(model) is None
+    # Mixed layers: the global layer gets a block table of its own, each local layer one too (groups of
+    # one layer, the global layers' count), all in one cache tensor.
+    groups = KVCacheGroups.from_layer_windows(layer_windows(model))
+    assert (groups.windows, groups.layers, groups.num_slots) == (
+        (None, WINDOW, WINDOW, WINDOW),
+        ((1,), (0,), (2,), (3,)),
+        1,
+    )
     assert model.lm_head.source is model.model.embed_tokens
     # The (1 + w) scale is folded into the stored weight.
     ours, theirs = (
@@ -157,12 +164,62 @@ def test_llm_parity_fp32(case: str, gemma_folder) -> None:
         max_num_batched_tokens=8,  # chunks every prompt longer than 8 tokens
         log_level="WARNING",
     )
-    assert llm.engine.core.scheduler.kv.sliding_window is None  # global layers keep every block
+    assert llm.engine.core.scheduler.kv.windows == (None, WINDOW, WINDOW, WINDOW)
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits
     batched = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.engine.core.scheduler.kv.stats.hits > hits_before
     check_outputs(batched, reference)
+
+
+# Bytes of one block id with block_size 4: K and V of 4 tokens x 2 heads x 16 dims in fp32, in one tensor
+# (the four groups of one layer share it).
+BLOCK_BYTES = 2 * 4 * 2 * 16 * 4
+
+
+def _small_pool_llm(folder, num_blocks: int, **kw) -> LLM:
+    return LLM(
+        str(folder),
+        dtype="float32",
+        max_model_len=64,
+        kv_cache_memory_gb=num_blocks * BLOCK_BYTES / 2**30,
+        block_size=4,
+        max_num_batched_tokens=8,
+        log_level="WARNING",
+        **kw,
+    )
+
+
+def test_local_layers_hand_back_blocks_behind_their_window(gemma_folder) -> None:
+    """120 blocks for five sequences whose 51 blocks per layer group would need 204 if the local layers kept
+    every block: the three local groups keep only their window, so nobody is preempted, and the blocks they
+    hand back are reused by the others while the outputs stay transformers'."""
+    hf, folder = gemma_folder("base")
+    prompts = _prompts()
+    per_group = sum(-(-(len(p) + MAX_NEW) // 4) for p in prompts)
+    llm = _small_pool_llm(folder, 120, enable_prefix_caching=False)
+    kv = llm.engine.core.scheduler.kv
+    assert kv.num_blocks == 120 < 4 * per_group
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.engine.core.scheduler.num_preemptions == 0
+    check_outputs(outputs, hf_greedy(hf, prompts, MAX_NEW, [EOS]))
+
+
+def test_hybrid_groups_under_preemption_and_prefix_hits(gemma_folder) -> None:
+    """Ten requests in 40 blocks: some are preempted and resumed, and prefix hits need the global group's
+    whole prefix but only the local groups' last window; the outputs stay transformers'."""
+    hf, folder = gemma_folder("base")
+    g = torch.Generator().manual_seed(11)
+    prompts = _prompts() + [
+        torch.randint(3, VOCAB - 1, (n,), generator=g).tolist() for n in (25, 9, 17, 28, 11)
+    ]
+    prompts[6][:16] = prompts[2][:16]
+    llm = _small_pool_llm(folder, 40)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    scheduler = llm.engine.core.scheduler
+    assert scheduler.num_preemptions > 0 and scheduler.kv.stats.hits > 0
+    check_outputs(outputs, hf_greedy(hf, prompts, MAX_NEW, [EOS]))
+    assert scheduler.kv.pool.num_free_blocks == 40
 
 
 # ---------------------------------------------------------------- refusals

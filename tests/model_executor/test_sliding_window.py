@@ -23,7 +23,7 @@ from test_families import _write_tokenizer
 from test_llama import BLOCK_SIZE, DEVICES, EngineSim, SimRequest, _build, _run_engine, randomize_
 
 from tidellm import LLM, SamplingParams
-from tidellm.model_executor.layers.attention import AttentionMetadata, sdpa_backend, uniform_sliding_window
+from tidellm.model_executor.layers.attention import AttentionMetadata, layer_windows, sdpa_backend
 
 VOCAB = 256
 EOS = VOCAB - 1
@@ -104,7 +104,7 @@ def test_config_gives_every_layer_the_window(mistral) -> None:
     )
     model, _ = _build(mistral[0], torch.float32, "cpu", arch)
     assert {layer.self_attn.attn.sliding_window for layer in model.model.layers} == {WINDOW}
-    assert uniform_sliding_window(model) == WINDOW
+    assert layer_windows(model) == [WINDOW] * MISTRAL["num_hidden_layers"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,7 +174,7 @@ def test_llm_parity_fp32(mistral) -> None:
         max_num_batched_tokens=8,  # chunks every prompt longer than 8 tokens
         log_level="WARNING",
     )
-    assert llm.engine.core.scheduler.kv.sliding_window == WINDOW
+    assert llm.engine.core.scheduler.kv.windows == (WINDOW,)
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits
     batched = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -263,5 +263,5 @@ def test_phi3_and_mixtral_slide_every_layer(other) -> None:
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
     llm = LLM(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, block_size=4,
               max_num_batched_tokens=8, log_level="WARNING")  # fmt: skip
-    assert llm.engine.core.scheduler.kv.sliding_window == WINDOW
+    assert llm.engine.core.scheduler.kv.windows == (WINDOW,)
     check_outputs(llm.generate(prompts, GREEDY, use_tqdm=False), reference)

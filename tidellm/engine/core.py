@@ -12,7 +12,6 @@ from tidellm.core.request import Request, RequestStatus
 from tidellm.core.sched.pooling import PoolingRequest, PoolingScheduler
 from tidellm.core.sched.scheduler import Scheduler
 from tidellm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
-from tidellm.model_executor.layers.attention import uniform_sliding_window
 from tidellm.model_executor.loader import ModelSource, load_model_source
 from tidellm.model_executor.models.tasks import TaskMismatchError, check_task, model_task
 from tidellm.platforms import device_summary, resolve_device, resolve_dtype
@@ -46,9 +45,12 @@ class EngineCore:
         else:
             self.runner = ModelRunner(config, source, device, dtype)
             plan = self.runner.kv_plan
-            window = uniform_sliding_window(self.runner.model)  # out-of-window blocks are freed early
             self.scheduler = Scheduler(
-                config.scheduler, config.cache, plan.num_blocks, plan.max_model_len, sliding_window=window
+                config.scheduler,
+                config.cache,
+                plan.num_blocks,
+                plan.max_model_len,
+                group_windows=self.runner.kv_groups.windows,
             )
         plan = self.runner.kv_plan
         self.max_model_len = plan.max_model_len
@@ -70,7 +72,7 @@ class EngineCore:
             )
             return
         logger.info(
-            "KV cache: %.2f GiB, %d blocks of %d = %d tokens; max_model_len %d → max concurrency %.1fx; prefix caching %s",
+            "KV cache: %.2f GiB, %d blocks of %d = %d tokens; max_model_len %d → max concurrency %.1fx; prefix caching %s%s",
             plan.total_bytes / 2**30,
             plan.num_blocks,
             plan.block_size,
@@ -78,6 +80,7 @@ class EngineCore:
             plan.max_model_len,
             plan.max_concurrency,
             "on" if config.cache.enable_prefix_caching else "off",
+            f"; {d}" if (d := self.runner.kv_groups.describe()) else "",
         )
 
     # ------------------------------------------------------------------ requests

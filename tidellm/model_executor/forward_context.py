@@ -23,6 +23,11 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     # One tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim].
     kv_caches: Sequence[torch.Tensor]
+    # Per layer, the metadata of its KV-cache group when the model has several (else None: attn_metadata).
+    layer_metadata: Sequence[AttentionMetadata] | None = None
+
+    def metadata_for(self, layer_idx: int) -> AttentionMetadata:
+        return self.attn_metadata if self.layer_metadata is None else self.layer_metadata[layer_idx]
 
 
 _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("tidellm_forward_context", default=None)
@@ -30,10 +35,12 @@ _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("tidellm_forward_contex
 
 @contextmanager
 def set_forward_context(
-    attn_metadata: AttentionMetadata, kv_caches: Sequence[torch.Tensor]
+    attn_metadata: AttentionMetadata,
+    kv_caches: Sequence[torch.Tensor],
+    layer_metadata: Sequence[AttentionMetadata] | None = None,
 ) -> Iterator[ForwardContext]:
     """Make ``attn_metadata`` and ``kv_caches`` visible to the attention layers inside the block."""
-    ctx = ForwardContext(attn_metadata, kv_caches)
+    ctx = ForwardContext(attn_metadata, kv_caches, layer_metadata)
     token = _CONTEXT.set(ctx)
     try:
         yield ctx

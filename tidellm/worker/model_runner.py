@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from tidellm.config import EngineConfig
+from tidellm.core.kv_cache.groups import KVCacheGroups
 from tidellm.core.sched.output import ModelRunnerOutput, SchedulerOutput
 from tidellm.engine.protocol import LogprobEntry
 from tidellm.model_executor.forward_context import set_forward_context
-from tidellm.model_executor.layers.attention import AttentionMetadata
+from tidellm.model_executor.layers.attention import AttentionMetadata, layer_windows
 from tidellm.model_executor.loader import ModelLoadError, ModelSource
 from tidellm.model_executor.models.registry import get_model_class
 from tidellm.model_executor.quant.method import apply_quantization, plan_quantization
@@ -62,9 +63,11 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self.model, weight_bytes = load_model(config, source, device, dtype)
-        self.kv_plan = plan_kv_cache(config, self.arch, dtype, device)
+        self.kv_groups = kv_cache_groups(self.model, config.model.max_model_len or self.arch.max_context_len)
+        self.kv_plan = plan_kv_cache(config, self.arch, dtype, device, self.kv_groups)
         self.max_model_len = self.kv_plan.max_model_len
         self.kv_caches = self.kv_plan.allocate()
+        self._layer_group = self.kv_groups.layer_group()
         self.load_report = LoadReport(time.perf_counter() - t0, weight_bytes, self.kv_plan)
         self._threads = torch.get_num_threads()
         self._small_step_threads = self._threads
@@ -89,13 +92,14 @@ class ModelRunner:
                 token_ids=[*new.prompt_token_ids, *new.output_token_ids],
                 num_prompt_tokens=len(new.prompt_token_ids),
                 sampling_params=new.sampling_params,
-                block_ids=list(new.block_ids),
+                block_ids=[list(g) for g in new.block_ids],
                 num_computed_tokens=new.num_computed_tokens,
                 eos_token_ids=new.eos_token_ids,
             )
         for cached in sched.scheduled_cached_reqs:
             state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
+            for table, new_ids in zip(state.block_ids, cached.new_block_ids, strict=True):
+                table.extend(new_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     # ------------------------------------------------------------------ step
@@ -114,17 +118,23 @@ class ModelRunner:
                 torch.set_num_threads(want)
         step = build_step_inputs(states, counts, self.block_size)
 
-        meta = AttentionMetadata.build(
-            query_start_loc=step.query_start_loc,
-            seq_lens=step.seq_lens,
-            block_table=step.block_table,
-            slot_mapping=step.slot_mapping,
-            block_size=self.block_size,
-            device=self.device,
-        )
+        workspace: dict = {}  # gather buffers, shared by every group's layers
+        metas = [
+            AttentionMetadata.build(
+                query_start_loc=step.query_start_loc,
+                seq_lens=step.seq_lens,
+                block_table=table,
+                slot_mapping=slots,
+                block_size=self.block_size,
+                device=self.device,
+                workspace=workspace,
+            )
+            for table, slots in zip(step.block_tables, step.slot_mappings, strict=True)
+        ]
+        layer_meta = [metas[g] for g in self._layer_group] if len(metas) > 1 else None
         input_ids = torch.from_numpy(step.input_ids).to(self.device)
         positions = torch.from_numpy(step.positions).to(self.device)
-        with set_forward_context(meta, self.kv_caches):
+        with set_forward_context(metas[0], self.kv_caches, layer_meta):
             hidden = self.model(input_ids, positions)  # [T, H]
 
         prompt_lp = self._prompt_logprobs(states, step, hidden)
@@ -190,6 +200,12 @@ class ModelRunner:
     def shutdown(self) -> None:
         self.kv_caches = []
         self.states.clear()
+
+
+def kv_cache_groups(model: nn.Module, max_model_len: int) -> KVCacheGroups:
+    """The model's KV-cache groups; a window at least ``max_model_len`` long is no window at all."""
+    windows = [w if w is not None and w < max_model_len else None for w in layer_windows(model)]
+    return KVCacheGroups.from_layer_windows(windows)
 
 
 def load_model(

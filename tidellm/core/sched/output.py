@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tidellm.sample.params import SamplingParams
 
 
@@ -18,7 +20,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     sampling_params: SamplingParams
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV-cache group
     num_computed_tokens: int
     eos_token_ids: tuple[int, ...] = ()
 
@@ -26,8 +28,32 @@ class NewRequestData:
 @dataclass
 class CachedRequestData:
     req_id: str
-    new_block_ids: list[int]
+    new_block_ids: list[list[int]]  # per KV-cache group
     num_computed_tokens: int
+
+
+@dataclass
+class GrammarBitmask:
+    """Allowed next tokens of the constrained requests that sample this step (structured outputs).
+
+    Row i of ``bitmask`` ([R, ceil(V / 32)] int32, bit j of word w = token 32w + j allowed) belongs to
+    ``req_ids[i]``; requests not listed are unconstrained. A NumPy array is plain data too: it pickles and
+    sends to every worker rank unchanged."""
+
+    req_ids: list[str]
+    bitmask: np.ndarray
+
+
+@dataclass
+class GrammarBitmask:
+    """Allowed next tokens of the constrained requests that sample this step (structured outputs).
+
+    Row i of ``bitmask`` ([R, ceil(V / 32)] int32, bit j of word w = token 32w + j allowed) belongs to
+    ``req_ids[i]``; requests not listed are unconstrained. A NumPy array is plain data too: it pickles and
+    sends to every worker rank unchanged."""
+
+    req_ids: list[str]
+    bitmask: np.ndarray
 
 
 @dataclass
@@ -40,6 +66,7 @@ class SchedulerOutput:
     # Requests the runner must forget (finished, aborted or preempted since the last step).
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    grammar: GrammarBitmask | None = None
 
     @property
     def is_empty(self) -> bool:

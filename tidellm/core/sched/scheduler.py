@@ -32,14 +32,14 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
-        sliding_window: int | None = None,
+        group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         self.config = scheduler_config
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
-        # sliding_window: every layer of the model attends only that far back (see KVCacheManager).
+        # group_windows: the sliding window (None: full attention) of each KV-cache group (see KVCacheManager).
         self.kv = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, sliding_window
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching, group_windows
         )
         self.requests: dict[str, Request] = {}
         self.waiting = make_queue(scheduler_config.policy)
@@ -140,7 +140,9 @@ class Scheduler:
                 continue
             num_scheduled[req.request_id] = num_new
             cached_reqs.append(
-                CachedRequestData(req.request_id, [b.block_id for b in new_blocks], req.num_computed_tokens)
+                CachedRequestData(
+                    req.request_id, [[b.block_id for b in g] for g in new_blocks], req.num_computed_tokens
+                )
             )
             budget -= num_new
             i += 1

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
         ctx = get_forward_context()
         kv_cache = ctx.kv_caches[self.layer_idx]
-        meta = ctx.attn_metadata
+        meta = ctx.metadata_for(self.layer_idx)
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
         return self.backend(q, k, v, kv_cache, meta.for_window(self.sliding_window), self.scale)
 
@@ -73,11 +73,10 @@ class Attention(nn.Module):
         )
 
 
-def uniform_sliding_window(model: nn.Module) -> int | None:
-    """The window within which every attention layer of ``model`` attends (the widest, if they differ), or
-    None when any layer sees the whole context. Blocks behind that window can never be read again, so the
-    KV-cache manager may hand them back; decided from the built model so it always agrees with its layers."""
-    windows = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
-    if not windows or any(w is None for w in windows):
-        return None
-    return max(windows)
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """The sliding window of each attention layer of ``model`` by layer index (None: full context), read
+    from the built model so the KV-cache groups always agree with its layers."""
+    windows = {m.layer_idx: m.sliding_window for m in model.modules() if isinstance(m, Attention)}
+    if sorted(windows) != list(range(len(windows))):
+        raise ValueError(f"attention layer indices must be 0..n-1 (got {sorted(windows)})")
+    return [windows[i] for i in range(len(windows))]

@@ -104,9 +104,11 @@ class AttentionMetadata:
         slot_mapping: np.ndarray,
         block_size: int,
         device: torch.device,
+        workspace: dict[tuple, torch.Tensor] | None = None,
     ) -> AttentionMetadata:
         """query_start_loc [R+1] (cumulative query lengths), seq_lens [R] (context incl. this step),
-        block_table [R, max_blocks] (padded with 0), slot_mapping [T]."""
+        block_table [R, max_blocks] (padded with 0), slot_mapping [T]. ``workspace``: scratch buffers to
+        share with the other KV-cache groups' metadata of the step."""
         qsl = np.asarray(query_start_loc, dtype=np.int64)
         seq = np.asarray(seq_lens, dtype=np.int64)
         table = np.asarray(block_table)
@@ -125,7 +127,10 @@ class AttentionMetadata:
         slots = torch.from_numpy(np.ascontiguousarray(slot_mapping, dtype=np.int64)).to(device)
         layout = _Layout(qsl, seq, table, device)
         decode, prefills = _derive(layout, block_size, 0)
-        return cls(num_tokens, block_size, slots, decode, prefills, _layout=layout)
+        meta = cls(num_tokens, block_size, slots, decode, prefills, _layout=layout)
+        if workspace is not None:
+            meta.workspace = workspace
+        return meta
 
     def for_window(self, window: int | None) -> AttentionMetadata:
         """This step as a layer attending within ``window`` sees it (a query at position p reads keys at
