@@ -105,20 +105,46 @@ _TO_GGUF_GEMMA3 = {
 }
 
 
+_TO_GGUF_MOE = {
+    **_TO_GGUF_LLAMA,
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+
+
+def _stacked_experts(name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """transformers v5's stacked experts -> llama.cpp's ffn_{gate,up,down}_exps ([E, out, in] each)."""
+    layer = name.split(".")[2]
+    if name.endswith("gate_up_proj"):
+        gate, up = np.split(w, 2, axis=1)
+        return [(f"blk.{layer}.ffn_gate_exps.weight", gate), (f"blk.{layer}.ffn_up_exps.weight", up)]
+    return [(f"blk.{layer}.ffn_down_exps.weight", w)]
+
+
 def hf_to_gguf(
     model: torch.nn.Module,
     path: Path,
     arch: str,
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
 ) -> Path:
-    """Write a transformers decoder as llama.cpp would: names, q/k permutation (llama), 1 + w norms (gemma3)."""
+    """Write a transformers decoder as llama.cpp would: names, q/k permutation (llama), 1 + w norms (gemma3),
+    stacked experts and their keys (MoE: qwen2moe, qwen3moe, or llama for Mixtral)."""
     cfg = model.config
-    table = _TO_GGUF_GEMMA3 if arch == "gemma3" else _TO_GGUF_LLAMA
+    moe = hasattr(cfg, "num_experts_per_tok")
+    table = _TO_GGUF_GEMMA3 if arch == "gemma3" else _TO_GGUF_MOE if moe else _TO_GGUF_LLAMA
     tensors = []
     for name, value in model.state_dict().items():
         w = value.float().numpy()
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
+        if ".mlp.experts." in name:
+            tensors += [(n, x, qtype) for n, x in _stacked_experts(name, w)]
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            w = w.reshape(-1)
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
             base, kind = rest.rsplit(".", 1)
@@ -149,6 +175,13 @@ def hf_to_gguf(
     }
     if arch == "gemma3":
         meta["attention.sliding_window"] = cfg.sliding_window
+    if moe:
+        meta["expert_count"] = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        meta["expert_used_count"] = cfg.num_experts_per_tok
+        if hasattr(cfg, "moe_intermediate_size"):
+            meta["expert_feed_forward_length"] = cfg.moe_intermediate_size
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            meta["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     return write_gguf(path, arch, meta, tensors)
 
 

@@ -21,12 +21,15 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 # config.json spellings that mean one of the families above.
 MODEL_TYPE_ALIASES: dict[str, str] = {"gemma3_text": "gemma3"}
 
-# GGUF general.architecture -> HF model_type. Mistral-style GGUFs say "llama".
+# GGUF general.architecture -> HF model_type. Mistral-style GGUFs say "llama", and so do Mixtral's (the
+# loader tells them apart by their expert count).
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma3": "gemma3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
 }
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tidellm.config.arch import ArchConfig
+from tidellm.config.arch import ArchConfig, MoEConfig
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.families import GGUF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from tidellm.model_executor.loader.gguf_file import GGUFFile
@@ -51,6 +51,8 @@ def _uniform(value: Any, key: str, gguf: GGUFFile) -> int:
 def arch_from_gguf(gguf: GGUFFile) -> ArchConfig:
     family = gguf_family(gguf)
     prefix = gguf.get("general.architecture")
+    if family == "llama" and int(gguf.get(f"{prefix}.expert_count", 0) or 0) > 0:
+        family = "mixtral"  # llama.cpp writes Mixtral as a llama with experts
 
     def key(name: str, default: Any = None, required: bool = False) -> Any:
         value = gguf.get(f"{prefix}.{name}", default)
@@ -104,7 +106,23 @@ def arch_from_gguf(gguf: GGUFFile) -> ArchConfig:
         )
     if family == "gemma3":
         _gemma3_extras(arch, key)
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        arch.moe = _moe(family, key, tensors, layers, arch.intermediate_size)
     return arch
+
+
+def _moe(family: str, key: Any, tensors: dict, layers: int, intermediate: int) -> MoEConfig:
+    """The sparse MLP settings llama.cpp stores as keys, plus what it hard-codes per family: Qwen2-MoE keeps
+    the raw softmax weights of the top k, Qwen3-MoE and Mixtral renormalize them (norm_w in its graphs).
+    Layers without a router tensor keep a dense MLP."""
+    return MoEConfig(
+        num_experts=int(key("expert_count", required=True)),
+        num_experts_per_tok=int(key("expert_used_count", required=True)),
+        intermediate_size=int(key("expert_feed_forward_length", intermediate)),
+        renormalize=family != "qwen2_moe",
+        shared_expert_intermediate_size=int(key("expert_shared_feed_forward_length", 0) or 0),
+        mlp_only_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors),
+    )
 
 
 def _f32(value: Any) -> float:

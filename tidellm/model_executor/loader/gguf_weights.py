@@ -57,17 +57,33 @@ _GEMMA3_LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Mixture-of-experts layers (Mixtral, Qwen2-MoE, Qwen3-MoE): the router, the shared expert and its gate.
+# The routed experts come stacked, one tensor per kind (``_EXPERT_KINDS``), and are split per expert.
+_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+_EXPERT_KINDS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 # Tensors that are not parameters of the HF model (llama.cpp's precomputed RoPE factors).
 _SKIPPED = {"rope_freqs.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
 def hf_name(gguf_name: str, family: str) -> str | None:
-    """The Hugging Face parameter name for a GGUF tensor name, or None if it has no counterpart."""
+    """The Hugging Face parameter name for a GGUF tensor name, or None if it has no counterpart. Stacked
+    experts get the name pattern ``model.layers.N.mlp.experts.{}.gate_proj.weight`` (``{}``: the expert)."""
     m = _BLOCK.match(gguf_name)
     if m:
         layer, base, kind = m.groups()
         table = _GEMMA3_LAYER_NAMES if family == "gemma3" else _LAYER_NAMES
+        if family in _MOE_FAMILIES:
+            if base in _EXPERT_KINDS:
+                return f"model.layers.{layer}.mlp.experts.{{}}.{_EXPERT_KINDS[base]}.{kind}"
+            table = {**table, **_MOE_NAMES}
         return f"model.layers.{layer}.{table[base]}.{kind}" if base in table else None
     base, _, kind = gguf_name.rpartition(".")
     return f"{_GLOBAL_NAMES[base]}.{kind}" if base in _GLOBAL_NAMES else None
@@ -112,6 +128,10 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     return torch.from_numpy(out.reshape(shape))
 
 
+def _is_stacked(name: str) -> bool:
+    return "{}" in name
+
+
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's per-head interleave of attn_q/attn_k rows (``llama`` arch only)."""
     rows = w.shape[0]
@@ -140,16 +160,28 @@ class GGUFWeights:
         return sum(info.num_elements for _, info in self._plan)
 
     def names(self) -> list[str]:
-        return [name for name, _ in self._plan]
+        out = []
+        for name, info in self._plan:
+            if _is_stacked(name):
+                out.extend(name.format(e) for e in range(info.shape[0]))
+            else:
+                out.append(name)
+        return out
 
     def gguf_types(self) -> dict[str, GGMLQuantizationType]:
-        """HF name -> the tensor's GGUF type (what ``keep_blocks`` can keep)."""
-        return {name: info.qtype for name, info in self._plan}
+        """HF name -> the tensor's GGUF type (what ``keep_blocks`` can keep); stacked experts are always
+        widened, so they are not offered."""
+        return {name: info.qtype for name, info in self._plan if not _is_stacked(name)}
 
     def iter_weights(self, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Dense tensors, except the names in ``keep_blocks`` whose type converts exactly to a block format:
-        those come as ``QuantizedTensor`` without being widened."""
+        those come as ``QuantizedTensor`` without being widened. Stacked experts come one expert at a time."""
         for name, info in self._plan:
+            if _is_stacked(name):
+                stacked = self.load(name, info)  # [E, out, in]
+                for e in range(stacked.shape[0]):
+                    yield name.format(e), stacked[e]
+                continue
             yield name, self.load(name, info, name in keep_blocks and info.qtype in EXACT_GGUF_FORMATS)
 
     def load(self, name: str, info: GGUFTensorInfo, as_blocks: bool = False):
@@ -158,7 +190,9 @@ class GGUFWeights:
             w = QuantizedTensor.from_gguf(raw, info.qtype, info.shape)
         else:
             w = dequantize(raw, info.qtype, info.shape)
-        if self.family == "llama":
+        if name.endswith("mlp.shared_expert_gate.weight") and w.dim() == 1:
+            w = w.unsqueeze(0)  # llama.cpp stores Qwen2-MoE's one-row gate as a vector
+        if self.arch.extra.get("gguf_architecture") == "llama":  # llama.cpp permuted q/k rows (Mixtral too)
             heads = None
             if ".self_attn.q_proj." in name:
                 heads = self.arch.num_attention_heads
