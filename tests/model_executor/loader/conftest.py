@@ -115,6 +115,9 @@ _TO_GGUF_MOE = {
 }
 
 
+_TO_GGUF_PHI3 = {**_TO_GGUF_LLAMA, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+
+
 def _stacked_experts(name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """transformers v5's stacked experts -> llama.cpp's ffn_{gate,up,down}_exps ([E, out, in] each)."""
     layer = name.split(".")[2]
@@ -134,7 +137,9 @@ def hf_to_gguf(
     stacked experts and their keys (MoE: qwen2moe, qwen3moe, or llama for Mixtral)."""
     cfg = model.config
     moe = hasattr(cfg, "num_experts_per_tok")
-    table = _TO_GGUF_GEMMA3 if arch == "gemma3" else _TO_GGUF_MOE if moe else _TO_GGUF_LLAMA
+    table = {"gemma3": _TO_GGUF_GEMMA3, "phi3": _TO_GGUF_PHI3}.get(
+        arch, _TO_GGUF_MOE if moe else _TO_GGUF_LLAMA
+    )
     tensors = []
     for name, value in model.state_dict().items():
         w = value.float().numpy()
@@ -175,6 +180,8 @@ def hf_to_gguf(
     }
     if arch == "gemma3":
         meta["attention.sliding_window"] = cfg.sliding_window
+    if arch == "phi3":
+        _phi3_meta(cfg, meta, tensors)
     if moe:
         meta["expert_count"] = getattr(cfg, "num_local_experts", None) or cfg.num_experts
         meta["expert_used_count"] = cfg.num_experts_per_tok
@@ -183,6 +190,19 @@ def hf_to_gguf(
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             meta["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     return write_gguf(path, arch, meta, tensors)
+
+
+def _phi3_meta(cfg: Any, meta: dict[str, Any], tensors: list) -> None:
+    """What convert_hf_to_gguf writes for Phi-3: the rotary dimension, the window, LongRoPE factors."""
+    rope = dict(cfg.rope_parameters)
+    meta["rope.dimension_count"] = int(head_dim(cfg) * rope.get("partial_rotary_factor", 1.0))
+    if cfg.sliding_window:
+        meta["attention.sliding_window"] = cfg.sliding_window
+    if rope.get("rope_type") == "longrope":
+        f32 = gguf.GGMLQuantizationType.F32
+        tensors.append(("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32), f32))
+        tensors.append(("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32), f32))
+        meta["rope.scaling.original_context_length"] = cfg.original_max_position_embeddings
 
 
 def head_dim(cfg: Any) -> int:

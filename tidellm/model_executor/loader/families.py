@@ -28,6 +28,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "gemma3": "gemma3",
+    "phi3": "phi3",
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
 }

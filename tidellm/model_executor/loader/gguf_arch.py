@@ -16,6 +16,7 @@ from tidellm.config.arch import ArchConfig, MoEConfig
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.families import GGUF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from tidellm.model_executor.loader.gguf_file import GGUFFile
+from tidellm.model_executor.loader.gguf_weights import dequantize
 from tidellm.tokenizer.gguf_tokenizer import gguf_eos_ids
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def arch_from_gguf(gguf: GGUFFile) -> ArchConfig:
         )
     if family == "gemma3":
         _gemma3_extras(arch, key)
+    if family == "phi3":
+        _phi3_extras(arch, key, gguf)
     if family in ("mixtral", "qwen2_moe", "qwen3_moe"):
         arch.moe = _moe(family, key, tensors, layers, arch.intermediate_size)
     return arch
@@ -149,6 +152,31 @@ def _checkpoint_dtype(gguf: GGUFFile) -> str | None:
     return (
         {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(kinds.pop()) if len(kinds) == 1 else None
     )
+
+
+def _phi3_extras(arch: ArchConfig, key: Any, gguf: GGUFFile) -> None:
+    """Phi-3's window, partial rotary (Phi-4-mini) and LongRoPE (the 128k models), which llama.cpp stores as
+    keys and two factor tensors, back in the HF rope_scaling shape hf_config gives."""
+    window = key("attention.sliding_window")
+    arch.sliding_window = int(window) if window else None
+    scaling: dict[str, Any] = {}
+    rotary = key("rope.dimension_count")
+    if rotary is not None and int(rotary) != arch.head_dim:
+        scaling["partial_rotary_factor"] = int(rotary) / arch.head_dim
+    long, short = gguf.tensors.get("rope_factors_long.weight"), gguf.tensors.get("rope_factors_short.weight")
+    if long is not None and short is not None:
+        scaling.update(
+            rope_type="longrope",
+            long_factor=[float(x) for x in dequantize(gguf.raw(long), long.qtype, long.shape)],
+            short_factor=[float(x) for x in dequantize(gguf.raw(short), short.qtype, short.shape)],
+            original_max_position_embeddings=int(
+                key("rope.scaling.original_context_length", arch.max_position_embeddings)
+            ),
+        )
+        attn_factor = key("rope.scaling.attn_factor")
+        if attn_factor is not None:
+            scaling["attention_factor"] = float(attn_factor)
+    arch.rope_scaling = scaling or None
 
 
 def _gemma3_extras(arch: ArchConfig, key: Any) -> None:

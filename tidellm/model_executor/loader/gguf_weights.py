@@ -68,8 +68,11 @@ _MOE_NAMES = {
 }
 _EXPERT_KINDS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _MOE_FAMILIES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+# Phi-3 keeps q/k/v and gate/up fused, as its HF checkpoints do (models/phi3.py splits them).
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 # Tensors that are not parameters of the HF model (llama.cpp's precomputed RoPE factors).
-_SKIPPED = {"rope_freqs.weight"}
+# Phi-3's LongRoPE factors are read into ArchConfig.rope_scaling instead (gguf_arch).
+_SKIPPED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 
@@ -79,7 +82,7 @@ def hf_name(gguf_name: str, family: str) -> str | None:
     m = _BLOCK.match(gguf_name)
     if m:
         layer, base, kind = m.groups()
-        table = _GEMMA3_LAYER_NAMES if family == "gemma3" else _LAYER_NAMES
+        table = {"gemma3": _GEMMA3_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}.get(family, _LAYER_NAMES)
         if family in _MOE_FAMILIES:
             if base in _EXPERT_KINDS:
                 return f"model.layers.{layer}.mlp.experts.{{}}.{_EXPERT_KINDS[base]}.{kind}"
