@@ -279,3 +279,65 @@ def test_read_pooling_config(tmp_path, modules, flags, expected):
 def test_unsupported_pooling_declarations_are_named(tmp_path, modules, flags, message):
     with pytest.raises(ModelLoadError, match=message):
         read_pooling_config(_st_folder(tmp_path, modules, flags))
+
+
+# ---------------------------------------------------------------------- RoBERTa / XLM-R
+def random_hf_roberta(kind: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """RoBERTa or XLM-R: BERT whose positions start at pad_token_id + 1 (66 rows for 64 tokens)."""
+    config_cls, model_cls = {
+        "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+        "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaModel),
+    }[kind]
+    cfg = config_cls(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = model_cls(cfg, add_pooling_layer=False).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1 + 0.1 * torch.randn_like(p)
+                if name.endswith("LayerNorm.weight")
+                else 0.15 * torch.randn_like(p)
+            )
+    return model
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta"])
+def test_roberta_family_matches_transformers(tmp_path, kind):
+    """From a saved folder (with the ``roberta.`` prefix of task checkpoints) through LLM.embed: the offset
+    positions give transformers' hidden states, the 64 usable positions bound max_model_len, and the
+    declared mean pooling matches."""
+    from test_families import _write_tokenizer
+
+    from tidellm import LLM
+    from tidellm.model_executor.models.bert import max_input_positions
+
+    hf = random_hf_roberta(kind)
+    folder = tmp_path / kind
+    hf.save_pretrained(folder, safe_serialization=True)
+    arch = arch_from_hf_config(json.loads((folder / "config.json").read_text()), folder)
+    assert arch.architecture == type(hf).__name__ and max_input_positions(arch) == 64
+    assert model_task(arch.architecture) == "embed"
+    model = get_model_class(arch)(arch)
+    model.load_weights((f"roberta.{k}", v) for k, v in hf.state_dict().items())
+    prompts = _prompts([5, 64, 17], seed=9)
+    hidden, meta = _ours_packed(model.eval(), prompts)
+    starts = meta.query_start_loc.tolist()
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(hidden[starts[i] : starts[i + 1]], _hf_alone(hf, p), atol=2e-5, rtol=1e-5)
+
+    _write_tokenizer(folder)  # word-level "t0".."t255"
+    (folder / "modules.json").write_text(json.dumps([TRANSFORMER, POOLING]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(_flags(pooling_mode_mean_tokens=True)))
+    llm = LLM(str(folder), dtype="float32", log_level="WARNING")
+    assert llm.engine.max_model_len == 64
+    texts = [" ".join(f"t{t % 256}" for t in p) for p in prompts]
+    got = [o.outputs.embedding for o in llm.embed(texts, use_tqdm=False)]
+    for p, vector in zip(prompts, got, strict=True):
+        ids = [t % 256 for t in p]
+        torch.testing.assert_close(torch.tensor(vector), _hf_alone(hf, ids).mean(0), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="64"):
+        llm.embed([" ".join(["t5"] * 65)], use_tqdm=False)

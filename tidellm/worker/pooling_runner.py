@@ -19,6 +19,7 @@ from tidellm.model_executor.layers.attention.encoder import EncoderMetadata
 from tidellm.model_executor.layers.pooler import Pooler
 from tidellm.model_executor.loader import ModelSource
 from tidellm.model_executor.loader.pooling_config import read_pooling_config
+from tidellm.model_executor.models.bert import max_input_positions
 from tidellm.worker.kv_cache import KVCachePlan
 from tidellm.worker.model_runner import LoadReport, load_model
 
@@ -46,7 +47,7 @@ class PoolingModelRunner:
         self.dtype = dtype
         self.arch = source.arch
         t0 = time.perf_counter()
-        self.max_model_len = pooling_max_model_len(config, self.arch.max_position_embeddings)
+        self.max_model_len = pooling_max_model_len(config, max_input_positions(self.arch))
         self.pooling = read_pooling_config(source.path)
         self.model, weight_bytes = load_model(config, source, device, dtype)
         self.pooler = Pooler(self.pooling)

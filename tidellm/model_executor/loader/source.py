@@ -17,6 +17,7 @@ import torch
 
 from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.loader.errors import ModelLoadError
+from tidellm.model_executor.models.tasks import ENCODER_MODEL_TYPES
 from tidellm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,11 @@ def open_hf_folder(folder: Path, name: str) -> ModelSource:
     files = find_weight_files(folder)
     weights = SafetensorsWeights(files)
     names = set(weights.names())
-    if arch.model_type != "bert" and not arch.tie_word_embeddings and "lm_head.weight" not in names:
+    if (
+        arch.model_type not in ENCODER_MODEL_TYPES
+        and not arch.tie_word_embeddings
+        and "lm_head.weight" not in names
+    ):
         logger.info("%s has no lm_head.weight: using tied embeddings", folder)
         arch.tie_word_embeddings = True
     shards = f" in {len(files)} shards" if len(files) > 1 else ""

@@ -1,4 +1,5 @@
-"""BERT-style encoder (``BertModel``) for embeddings: bidirectional attention, no KV cache.
+"""BERT-style encoders (``BertModel``, and ``RobertaModel`` / ``XLMRobertaModel``) for embeddings:
+bidirectional attention, no KV cache.
 
 Reads like Hugging Face's ``modeling_bert``: embeddings (word + absolute position + token type, LayerNorm)
 -> encoder layers (self-attention, output dense + LayerNorm on the residual, GELU intermediate, output dense
@@ -6,6 +7,8 @@ Reads like Hugging Face's ``modeling_bert``: embeddings (word + absolute positio
 value are one matmul (``attention.self.qkv_proj``). Requests arrive packed ([T] rows) with an
 ``EncoderMetadata`` saying where each one starts; pooling is the runner's job (``layers/pooler``). BERT's own
 ``pooler`` (dense + tanh over [CLS]) is not used by sentence embeddings and its weights are skipped.
+RoBERTa and XLM-R are the same network whose position ids start after the padding id (``padding_idx + 1``):
+their tables hold that many unused rows (514 for 512 tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ STACKED_PARAMS: list[tuple[str, str, Hashable]] = [
 # Checkpoint tensors we do not use: BERT's [CLS] pooler, pre-training heads, index buffers older saves kept.
 _SKIPPED_PREFIXES = ("pooler.", "cls.")
 _SKIPPED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+# Families whose positions are numbered from pad_token_id + 1 (transformers' create_position_ids_from_input_ids).
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta"})
+
+
+def position_offset(arch: ArchConfig) -> int:
+    """The position id of an input's first token."""
+    if arch.model_type in _OFFSET_POSITIONS:
+        return int(arch.extra.get("pad_token_id", 1)) + 1
+    return 0
+
+
+def max_input_positions(arch: ArchConfig) -> int:
+    """The longest input the position table allows."""
+    return arch.max_position_embeddings - position_offset(arch)
+
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -58,10 +76,13 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = _layer_norm(arch, dtype, device)
         for emb in (self.position_embeddings, self.token_type_embeddings):
             emb.requires_grad_(False)
+        self.position_offset = position_offset(arch)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
     ) -> torch.Tensor:
+        if self.position_offset:
+            positions = positions + self.position_offset
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)  # [T, H]
         if token_type_ids is None:
             x += self.token_type_embeddings.weight[0]  # single-segment input: type 0 everywhere
@@ -185,8 +206,9 @@ class BertModel(nn.Module):
 
 
 def _normalize_name(name: str) -> str:
-    """``bert.encoder...`` -> ``encoder...``; old TensorFlow-converted LayerNorm ``gamma``/``beta`` names."""
-    name = name.removeprefix("bert.")
+    """``bert.encoder...`` (or ``roberta.``) -> ``encoder...``; old TensorFlow-converted LayerNorm
+    ``gamma``/``beta`` names."""
+    name = name.removeprefix("bert.").removeprefix("roberta.")
     if ".LayerNorm." in name:
         name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
     return name

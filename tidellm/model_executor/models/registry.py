@@ -11,6 +11,8 @@ from tidellm.config.arch import ArchConfig
 # arch name -> "module:Class". Adding a family = one file + one line here.
 _MODELS: dict[str, str] = {
     "BertModel": "tidellm.model_executor.models.bert:BertModel",  # embeddings (models/tasks.py)
+    "RobertaModel": "tidellm.model_executor.models.bert:BertModel",  # BERT with offset positions
+    "XLMRobertaModel": "tidellm.model_executor.models.bert:BertModel",
     "Gemma3ForCausalLM": "tidellm.model_executor.models.gemma3:Gemma3ForCausalLM",
     "LlamaForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "tidellm.model_executor.models.llama:LlamaForCausalLM",

@@ -11,7 +11,9 @@ from typing import Literal
 Task = Literal["generate", "embed"]
 
 # Encoder architectures whose output is a pooled embedding (no LM head, no KV cache).
-POOLING_ARCHITECTURES: frozenset[str] = frozenset({"BertModel"})
+POOLING_ARCHITECTURES: frozenset[str] = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
+# Their model_types (an encoder never has an LM head to tie).
+ENCODER_MODEL_TYPES: frozenset[str] = frozenset({"bert", "roberta", "xlm-roberta"})
 
 
 class TaskMismatchError(ValueError):
