@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -249,3 +250,32 @@ def test_saved_checkpoint_experts_one_by_one_and_errors_named(saved) -> None:
     weights["model.layers.0.block_sparse_moe.experts.8.w1.weight"] = torch.zeros(48, 64)
     with pytest.raises(ValueError, match=r"experts\.8\.w1\.weight.*expert 8 out of range"):
         get_model_class(arch)(arch).load_weights(weights.items())
+
+
+def test_quantization_q8_0_holds_experts_loaded_one_by_one_as_blocks(saved) -> None:
+    """--quantization q8_0 on a folder storing experts one by one: Qwen3-MoE's experts go to blocks expert by
+    expert (gate and up into one block matrix) and the engine matches transformers holding the same rounded
+    weights; Mixtral's 48-wide experts are not whole blocks and stay dense."""
+    from tidellm.model_executor.quant.blocks import QuantizedTensor
+
+    hf, folder = saved["qwen3_moe"]
+    llm = LLM(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, quantization="q8_0",
+              log_level="WARNING")  # fmt: skip
+    sparse = [
+        layer.mlp.experts
+        for layer in llm.engine.core.runner.model.model.layers
+        if hasattr(layer.mlp, "experts")
+    ]
+    assert sparse and all(e.quant_method.fmt == "q8_0" for e in sparse)
+    rounded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() >= 2 and not name.endswith("mlp.gate.weight"):
+                flat = p.reshape(-1, p.shape[-1])
+                p.copy_(QuantizedTensor.quantize(flat, "q8_0").dequantize().reshape(p.shape))
+    prompts = _prompts()[:3]
+    check_outputs(llm.generate(prompts, GREEDY, use_tqdm=False), hf_greedy(rounded, prompts, MAX_NEW, [EOS]))
+
+    mixtral = LLM(str(saved["mixtral"][1]), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01,
+                  quantization="q8_0", log_level="WARNING")  # fmt: skip
+    assert mixtral.engine.core.runner.model.model.layers[0].mlp.experts.quant_method is None

@@ -86,8 +86,8 @@ def test_gguf_moe_through_llm_matches_transformers(tmp_path, hf_gguf_writer, voc
 
 
 def test_gguf_moe_q8_0_matches_the_dequantized_weights(tmp_path, hf_gguf_writer, vocab):
-    """Q8_0 stacked experts are dequantized per expert: the engine matches transformers holding the same
-    Q8_0-rounded weights, token for token and within 1e-3 in logprobs."""
+    """Q8_0 stacked experts are kept in their blocks, expert by expert: the engine matches transformers
+    holding the same Q8_0-rounded weights, token for token and within 1e-3 in logprobs."""
     q8 = gguf.GGMLQuantizationType.Q8_0
     hf = _tiny_moe("qwen3_moe", vocab)
     path = hf_gguf_writer(hf, tmp_path / "q8.gguf", "qwen3moe", q8)
@@ -100,8 +100,49 @@ def test_gguf_moe_q8_0_matches_the_dequantized_weights(tmp_path, hf_gguf_writer,
                 )
     llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, log_level="WARNING",
               cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    experts = llm.engine.core.runner.model.model.layers[0].mlp.experts
+    assert experts.quant_method.fmt == "q8_0"  # quantization auto: Q8_0 experts kept in their blocks
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (7, 16)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
+    check_outputs(
+        llm.generate(prompts, greedy, use_tqdm=False), hf_greedy(hf, prompts, MAX_NEW, [], stepwise=True)
+    )
+
+
+def _experts(llm: LLM, layer: int = 0):
+    return llm.engine.core.runner.model.model.layers[layer].mlp.experts
+
+
+def test_quantization_q4_1_holds_experts_as_blocks(tmp_path, hf_gguf_writer, vocab):
+    """--quantization q4_1 on an fp32 file: experts (and the linears, the shared expert, the embedding and LM
+    head) are re-quantized to blocks while the router stays dense; the engine then matches transformers
+    holding the same q4_1-rounded weights."""
+    from tidellm.model_executor.quant.blocks import QuantizedTensor
+
+    hf = _tiny_moe("qwen2_moe", vocab)
+    path = hf_gguf_writer(hf, tmp_path / "f32.gguf", "qwen2moe")
+    llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, log_level="WARNING",
+              quantization="q4_1", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    experts = _experts(llm)
+    assert (
+        experts.quant_method.fmt == "q4_1"
+        and len(experts.qgate_up) == 6
+        and experts.gate_up_proj.numel() == 0
+    )
+    assert llm.engine.core.runner.model.model.layers[0].mlp.gate.weight.dtype == torch.float32  # the router
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if (
+                p.dim() < 2
+                or p.shape[-1] % 32
+                or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))
+            ):
+                continue  # vectors, the router and rows of partial blocks (the shared expert's down) stay dense
+            flat = p.reshape(-1, p.shape[-1])
+            p.copy_(QuantizedTensor.quantize(flat, "q4_1").dequantize().reshape(p.shape))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 14)]
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
     check_outputs(
         llm.generate(prompts, greedy, use_tqdm=False), hf_greedy(hf, prompts, MAX_NEW, [], stepwise=True)

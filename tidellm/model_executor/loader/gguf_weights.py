@@ -172,18 +172,27 @@ class GGUFWeights:
         return out
 
     def gguf_types(self) -> dict[str, GGMLQuantizationType]:
-        """HF name -> the tensor's GGUF type (what ``keep_blocks`` can keep); stacked experts are always
-        widened, so they are not offered."""
-        return {name: info.qtype for name, info in self._plan if not _is_stacked(name)}
+        """HF name -> the tensor's GGUF type (what ``keep_blocks`` can keep), stacked experts one by one."""
+        out = {}
+        for name, info in self._plan:
+            for n in [name.format(e) for e in range(info.shape[0])] if _is_stacked(name) else [name]:
+                out[n] = info.qtype
+        return out
 
     def iter_weights(self, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Dense tensors, except the names in ``keep_blocks`` whose type converts exactly to a block format:
         those come as ``QuantizedTensor`` without being widened. Stacked experts come one expert at a time."""
         for name, info in self._plan:
             if _is_stacked(name):
+                experts = [name.format(e) for e in range(info.shape[0])]
+                if info.qtype in EXACT_GGUF_FORMATS and all(n in keep_blocks for n in experts):
+                    raw = self.gguf.raw(info)  # [E, rows, row_bytes]
+                    for e, n in enumerate(experts):
+                        yield n, QuantizedTensor.from_gguf(raw[e], info.qtype, info.shape[1:])
+                    continue
                 stacked = self.load(name, info)  # [E, out, in]
-                for e in range(stacked.shape[0]):
-                    yield name.format(e), stacked[e]
+                for e, n in enumerate(experts):
+                    yield n, stacked[e]
                 continue
             yield name, self.load(name, info, name in keep_blocks and info.qtype in EXACT_GGUF_FORMATS)
 

@@ -19,6 +19,7 @@ from torch import nn
 from tidellm.config.engine import QUANTIZATION_CHOICES
 from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
+from tidellm.model_executor.layers.fused_moe import FusedMoE
 from tidellm.model_executor.layers.linear import Linear, LinearMethod
 from tidellm.model_executor.quant.blocks import BLOCK, EXACT_GGUF_FORMATS, FORMATS, QuantizedTensor
 from tidellm.platforms import cpu_has_native_bf16
@@ -162,10 +163,12 @@ def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | No
             names = _checkpoint_names(prefix, module, stacked)
         elif isinstance(module, VocabEmbedding) or (isinstance(module, LMHead) and not module.tied):
             names = [f"{prefix}.weight"]
+        elif isinstance(module, FusedMoE):
+            names = module.checkpoint_names(prefix)
         else:
             continue
         fmts = {plan.get(n, default) for n in names}
-        if len(fmts) != 1 or None in fmts or module_input_size(module) % BLOCK:
+        if len(fmts) != 1 or None in fmts or any(size % BLOCK for size in module_input_sizes(module)):
             continue
         fmt = fmts.pop()
         block = methods.setdefault(fmt, BlockQuantMethod(fmt, scratch))
@@ -181,8 +184,13 @@ def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | No
     return kept
 
 
-def module_input_size(module: nn.Module) -> int:
-    return module.input_size if isinstance(module, Linear) else module.hidden_size
+def module_input_sizes(module: nn.Module) -> tuple[int, ...]:
+    """The row lengths of the module's matrices (each must be whole blocks)."""
+    if isinstance(module, Linear):
+        return (module.input_size,)
+    if isinstance(module, FusedMoE):
+        return (module.hidden_size, module.intermediate_size)
+    return (module.hidden_size,)
 
 
 def _checkpoint_names(prefix: str, layer: Linear, stacked: list) -> list[str]:
