@@ -9,10 +9,13 @@ PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned, so nothing that depends on it can pull a CUDA build.
+# torch first, pinned, so nothing that depends on it can pull a CUDA build. xgrammar (structured outputs)
+# goes in without its declared dependencies: their triton is ~1 GB and unused on CPU; what it does need at run
+# time (apache-tvm-ffi, transformers) is among tidellm's own dependencies.
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.13.0
 	$(PIP) -e .
+	$(PIP) --no-deps 'xgrammar>=0.2.8,<0.3'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -375,6 +375,9 @@ class AsyncLLM:
             if parent_id is None:
                 continue  # aborted while this step ran
             iteration.num_generation_tokens += len(o.new_token_ids)
+            if o.error is not None:  # the core could not serve it (e.g. its grammar failed to compile)
+                self._fail(parent_id, ValueError(o.error))
+                continue
             if self.task == "embed" and o.pooled is None and o.finish_reason is not None:
                 self._fail(parent_id, ValueError(str(o.stop_reason or "The engine refused the request.")))
                 continue
@@ -402,11 +405,14 @@ class AsyncLLM:
         self._record(outs.scheduler_stats, iteration)
 
     def _fail(self, request_id: str, error: Exception) -> None:
-        """End a request with ``error`` (the core refused it)."""
+        """End a request with ``error`` (the core refused it); its other ``n`` children are aborted."""
+        child_ids = self.output_processor.child_ids(request_id)
         tracked = self._forget(request_id)
         self.output_processor.abort(request_id)
         if tracked is not None:
             tracked.stream.put(error)
+        if len(child_ids) > 1:
+            self._send_abort(child_ids)
 
     @staticmethod
     def _finished_stats(

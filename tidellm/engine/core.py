@@ -15,10 +15,15 @@ from tidellm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, EngineC
 from tidellm.model_executor.loader import ModelSource, load_model_source
 from tidellm.model_executor.models.tasks import TaskMismatchError, check_task, model_task
 from tidellm.platforms import device_summary, resolve_device, resolve_dtype
+from tidellm.structured_output.manager import StructuredOutputManager
 from tidellm.worker.model_runner import ModelRunner, seed_everything
 from tidellm.worker.pooling_runner import PoolingModelRunner
 
 logger = logging.getLogger(__name__)
+
+# A step with nothing to run while grammars compile waits this long for one (instead of spinning a core
+# the compile needs); aborts and new requests are picked up between waits.
+GRAMMAR_WAIT_S = 0.05
 
 
 class EngineCore:
@@ -52,6 +57,10 @@ class EngineCore:
                 plan.max_model_len,
                 group_windows=self.runner.kv_groups.windows,
             )
+        self.structured_output: StructuredOutputManager | None = None
+        if isinstance(self.scheduler, Scheduler):
+            self.structured_output = StructuredOutputManager(source.tokenizer, self.runner.vocab_size)
+            self.scheduler.structured_output = self.structured_output
         plan = self.runner.kv_plan
         self.max_model_len = plan.max_model_len
         self.startup_seconds = time.perf_counter() - t0
@@ -123,6 +132,9 @@ class EngineCore:
         outputs: list[EngineCoreOutput] = []
         if self.scheduler.has_unfinished_requests():
             sched_out = self.scheduler.schedule()
+            so = self.structured_output
+            if sched_out.is_empty and so is not None and so.has_pending():
+                so.wait_for_pending(GRAMMAR_WAIT_S)
             runner_out = self.runner.execute_model(sched_out)
             outputs = self.scheduler.update_from_output(sched_out, runner_out)
         return EngineCoreOutputs(
@@ -135,4 +147,6 @@ class EngineCore:
         return self.scheduler.kv.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self.structured_output is not None:
+            self.structured_output.shutdown()
         self.runner.shutdown()

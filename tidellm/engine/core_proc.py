@@ -174,7 +174,11 @@ class EngineCoreProc:
                 self.core.add_request(req)
             except Exception as e:  # never leave the client waiting for a request the core refused
                 logger.error("Request %s refused by the engine core: %s", req.request_id, e)
-                failed.append(EngineCoreOutput(req.request_id, [], finish_reason="abort", stop_reason=str(e)))
+                failed.append(
+                    EngineCoreOutput(
+                        req.request_id, [], finish_reason="abort", stop_reason=str(e), error=str(e)
+                    )
+                )
         if failed:
             self.out_q.put((serial.OUTPUTS, EngineCoreOutputs(outputs=failed, timestamp=time.time())))
 

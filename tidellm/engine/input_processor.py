@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from tidellm.engine.protocol import EngineCoreRequest
 from tidellm.sample.params import SamplingParams
+from tidellm.structured_output.validate import StructuredOutputValidator
 from tidellm.tokenizer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.max_logprobs = max_logprobs
+        self.structured_outputs = StructuredOutputValidator()
 
     def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -81,6 +83,8 @@ class InputProcessor:
                 self.max_model_len,
             )
         params.verify(self.vocab_size, self.max_logprobs)
+        if params.structured_outputs is not None:
+            self.structured_outputs.validate(params.structured_outputs)  # bad schema/regex/grammar: 400 now
         return EngineCoreRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,

@@ -113,9 +113,18 @@ class LLMEngine:
         return self.output_processor.has_unfinished()
 
     def step(self) -> list[RequestOutput] | list[EmbeddingRequestOutput]:
+        """One engine step. A request the core could not serve (e.g. its grammar failed to compile) raises
+        ``ValueError`` with the reason, after its other ``n`` children are aborted."""
         core_out = self.core.step()
         self.last_stats = core_out.scheduler_stats
-        results, to_abort = self.output_processor.process_outputs(core_out.outputs)
+        failed = [o for o in core_out.outputs if o.error is not None]
+        op = self.output_processor
+        failed_parents = [p for p in list(op.parents) if any(o.request_id in op.child_ids(p) for o in failed)]
+        results, to_abort = op.process_outputs(core_out.outputs)
         if to_abort:
             self.core.abort_requests(to_abort)
+        if failed:
+            for parent in failed_parents:
+                self.abort_request(parent)
+            raise ValueError(failed[0].error)
         return results

@@ -37,6 +37,9 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     num_cached_tokens: int = 0
     scheduled_time: float | None = None  # wall time the request was first scheduled; with its first token
     pooled: list[float] | None = None  # an embedding request's result (its only output)
+    # Set when the core could not serve the request (e.g. its grammar failed to compile); the front end
+    # raises it as the request's error instead of returning an output.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -128,10 +128,14 @@ class LLM:
     def _run(self, prompts, params, priority, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            rid = engine.next_request_id()
-            engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
-            ids.append(rid)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                rid = engine.next_request_id()
+                engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+                ids.append(rid)
+        except BaseException:  # e.g. a bad schema in the 3rd request: the first two must not linger
+            engine.abort_request(ids)
+            raise
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         out_tokens = 0

@@ -47,6 +47,9 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # [M], [M] int64
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # [B], [B] int64, [B] f32
     max_num_logprobs: int | None = None  # top-N to gather; None = no row asked for logprobs
+    # Structured outputs: the rows with a grammar and the tokens each may sample (None: no such row).
+    grammar_rows: torch.Tensor | None = None  # [R] int64
+    grammar_allowed: torch.Tensor | None = None  # [R, V] bool
 
     @classmethod
     def build(cls, rows: list[RowState], vocab_size: int, device: torch.device | str) -> SamplingMetadata:

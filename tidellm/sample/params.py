@@ -40,6 +40,11 @@ class StructuredOutputsParams:
 
     ``json`` is a JSON schema (a dict, or its text); ``json_object`` asks for any JSON object; ``regex`` and
     ``grammar`` (EBNF / GBNF) are matched in full; ``choice`` is a list of strings, one of which is the output.
+    ``disable_any_whitespace`` makes JSON single-line with json.dumps' separators (``{"a": 1, "b": [2, 3]}``)
+    instead of allowing any whitespace between tokens (up to a short run; see the xgrammar backend).
+
+    Only types and "exactly one" are checked here (this module stays free of the grammar backend); whether
+    a schema, regex or grammar compiles is checked by ``tidellm.structured_output`` before a request is queued.
     """
 
     json: str | dict | None = None
@@ -47,6 +52,53 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        """The one constraint set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return self._set_fields()[0]
+
+    def _set_fields(self) -> list[str]:
+        names = ("json", "regex", "choice", "grammar")
+        found = [n for n in names if getattr(self, n) is not None]
+        if self.json_object:
+            found.append("json_object")
+        return found
+
+    def validate(self, require_one: bool = False) -> None:
+        """Types, and at most one constraint (exactly one with ``require_one``: an empty instance may be
+        built first and filled in later, as vLLM's front end does)."""
+        found = self._set_fields()
+        if len(found) > 1 or (require_one and not found):
+            got = ", ".join(found) if found else "none"
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar or json_object "
+                f"(got {got}); send one constraint per request."
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise _fail("structured_outputs.json", self.json, "a JSON schema (an object, or its JSON text)")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise _fail(f"structured_outputs.{name}", v, "a non-empty string")
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not self.choice:
+                raise _fail("structured_outputs.choice", self.choice, "a non-empty list of strings")
+            for c in self.choice:
+                if not isinstance(c, str):
+                    raise _fail("structured_outputs.choice", c, "strings")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise _fail("structured_outputs.json_object", self.json_object, "true or false")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise _fail(
+                "structured_outputs.disable_any_whitespace", self.disable_any_whitespace, "true or false"
+            )
 
 
 @dataclass
@@ -161,6 +213,11 @@ class SamplingParams:
         for tok in self.stop_token_ids:
             if not _is_int(tok) or tok < 0:
                 raise _fail("stop_token_ids", tok, "non-negative integers")
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise _fail("structured_outputs", so, "a StructuredOutputsParams or None")
+            so.validate(require_one=True)
 
     @staticmethod
     def _check_float(name: str, value: Any, lo: float, hi: float, allowed: str) -> None:

@@ -1,7 +1,9 @@
 """The batched sampler: logits [N, V] + SamplingMetadata -> one token per row (+ logprobs).
 
-Order (vLLM v1): logprobs from the raw logits; then logit_bias -> min_tokens mask -> penalties; greedy rows
-take the argmax of those logits, random rows go on through temperature -> top-k -> top-p -> min-p -> sample.
+Order (vLLM v1): a grammar's bitmask first (structured outputs: disallowed tokens at -inf, so greedy,
+sampling and logprobs all see the constrained distribution); logprobs from those logits; then logit_bias ->
+min_tokens mask -> penalties; greedy rows take the argmax of those logits, random rows go on through
+temperature -> top-k -> top-p -> min-p -> sample.
 Sampling is the exponential race ``argmax(p / q)``, ``q ~ Exp(1)``: a seeded row draws its ``q`` from its own
 generator, so its token depends only on its generator and its logits, never on the rest of the batch.
 Everything is vectorised over rows; the only per-row Python is drawing noise for seeded rows.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tidellm.sample.bitmask import apply_grammar_mask
 from tidellm.sample.metadata import SamplingMetadata
 
 # (token ids, logprobs, rank of the first id): the sampled/target token first, then the top-N by logprob.
@@ -49,6 +52,8 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         logits = logits.to(torch.float32)  # [N, V]; never modified in place
+        if metadata.grammar_allowed is not None:
+            logits = apply_grammar_mask(logits, metadata.grammar_rows, metadata.grammar_allowed)
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]

@@ -16,7 +16,7 @@ from torch import nn
 
 from tidellm.config import EngineConfig
 from tidellm.core.kv_cache.groups import KVCacheGroups
-from tidellm.core.sched.output import ModelRunnerOutput, SchedulerOutput
+from tidellm.core.sched.output import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from tidellm.engine.protocol import LogprobEntry
 from tidellm.model_executor.forward_context import set_forward_context
 from tidellm.model_executor.layers.attention import AttentionMetadata, layer_windows
@@ -24,6 +24,7 @@ from tidellm.model_executor.loader import ModelLoadError, ModelSource
 from tidellm.model_executor.models.registry import get_model_class
 from tidellm.model_executor.quant.method import apply_quantization, plan_quantization
 from tidellm.platforms import available_memory_bytes
+from tidellm.sample.bitmask import unpack_bitmask
 from tidellm.sample.metadata import RowState, SamplingMetadata
 from tidellm.sample.sampler import Sampler, compute_prompt_logprobs
 from tidellm.worker.input_batch import CachedRequestState, build_step_inputs
@@ -146,6 +147,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[idx])  # [S, V] fp32
             rows = [self._row_state(states[i]) for i in step.sample_rows]
             meta_s = SamplingMetadata.build(rows, self.vocab_size, self.device)
+            if sched.grammar is not None:
+                self._add_grammar(meta_s, sched.grammar, [req_ids[i] for i in step.sample_rows])
             out = self.sampler(logits, meta_s)
             for j, i in enumerate(step.sample_rows):
                 tok = out.sampled_token_ids[j]
@@ -156,6 +159,17 @@ class ModelRunner:
         for i, s in enumerate(states):
             s.num_computed_tokens += counts[i]
         return ModelRunnerOutput(req_ids, sampled, logprobs, prompt_lp)
+
+    def _add_grammar(self, meta: SamplingMetadata, grammar: GrammarBitmask, sample_ids: list[str]) -> None:
+        """Hand the step's grammar bitmask to the sampler, each row at its request's place in the batch."""
+        row_of = {rid: j for j, rid in enumerate(sample_ids)}
+        src = [i for i, rid in enumerate(grammar.req_ids) if rid in row_of]
+        if not src:
+            return
+        bitmask = grammar.bitmask if len(src) == len(grammar.req_ids) else grammar.bitmask[src]
+        rows = [row_of[grammar.req_ids[i]] for i in src]
+        meta.grammar_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        meta.grammar_allowed = unpack_bitmask(bitmask, self.vocab_size, self.device)
 
     def _row_state(self, s: CachedRequestState) -> RowState:
         p = s.sampling_params

@@ -45,18 +45,6 @@ class GrammarBitmask:
 
 
 @dataclass
-class GrammarBitmask:
-    """Allowed next tokens of the constrained requests that sample this step (structured outputs).
-
-    Row i of ``bitmask`` ([R, ceil(V / 32)] int32, bit j of word w = token 32w + j allowed) belongs to
-    ``req_ids[i]``; requests not listed are unconstrained. A NumPy array is plain data too: it pickles and
-    sends to every worker rank unchanged."""
-
-    req_ids: list[str]
-    bitmask: np.ndarray
-
-
-@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
     scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)

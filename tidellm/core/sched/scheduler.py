@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from tidellm.config import CacheConfig, SchedulerConfig
 from tidellm.core.kv_cache.manager import KVCacheManager
 from tidellm.core.request import Request, RequestStatus
 from tidellm.core.sched.output import (
     CachedRequestData,
+    GrammarBitmask,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
 from tidellm.core.sched.queue import make_queue
 from tidellm.engine.protocol import EngineCoreOutput, SchedulerStats
+from tidellm.structured_output.spec import StructuredOutputError
+
+if TYPE_CHECKING:
+    from tidellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +54,19 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
         self.num_preemptions = 0
+        # Grammars and matchers of requests with structured outputs (set by the engine core for generating
+        # models); a request waits in the queue until its grammar is compiled.
+        self.structured_output: StructuredOutputManager | None = None
+        self._failed: list[EngineCoreOutput] = []  # requests ended by an error, reported at the next output
+        self._errors: dict[str, str] = {}  # request id -> error, for a request finishing this step
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
+        if request.sampling_params.structured_outputs is not None:
+            if self.structured_output is None:
+                raise ValueError("This engine does not support structured outputs (not a generating model).")
+            # Starts compiling the grammar; a malformed spec raises here, before anything is queued.
+            self.structured_output.add(request.request_id, request.sampling_params.structured_outputs)
         request.block_size = self.block_size
         self.requests[request.request_id] = request
         self.waiting.add(request)
@@ -73,6 +89,8 @@ class Scheduler:
 
     def _free(self, req: Request) -> None:
         self.kv.free(req)
+        if self.structured_output is not None:
+            self.structured_output.free(req.request_id)
         self._finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 
@@ -147,7 +165,9 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        # 2) waiting requests, unless this step already had to preempt.
+        # 2) waiting requests, unless this step already had to preempt. Those whose grammar is still being
+        # compiled are passed over (and put back in order), so they never hold up the requests behind them.
+        skipped: list[Request] = []
         while (
             not preempted_now
             and len(self.waiting)
@@ -155,6 +175,11 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting.peek()
+            if self.structured_output is not None and not self._grammar_ready(req):
+                self.waiting.pop()
+                if not req.is_finished():
+                    skipped.append(req)
+                continue
             hit_blocks, num_hit = self.kv.get_computed_blocks(req)
             num_new = self._chunk(req, req.num_tokens - num_hit, budget)
             new_blocks = self.kv.allocate_slots(req, num_new, hit_blocks, num_hit)
@@ -182,6 +207,9 @@ class Scheduler:
             )
             budget -= num_new
 
+        for req in reversed(skipped):
+            self.waiting.add_preempted(req)  # back at the front, in their order
+
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -195,13 +223,55 @@ class Scheduler:
         # Counters advance at schedule time; the runner's output only adds sampled tokens.
         for rid, n in num_scheduled.items():
             self.requests[rid].num_computed_tokens += n
+        if self.structured_output is not None:
+            out.grammar = self._grammar_bitmask(num_scheduled)
         return out
+
+    # ------------------------------------------------------------------ structured outputs
+    def _grammar_ready(self, req: Request) -> bool:
+        """True unless ``req`` still waits for its grammar; a grammar that failed to compile finishes the
+        request with the compile error (a per-request error, never an engine crash)."""
+        so = self.structured_output
+        if so is None or req.request_id not in so:
+            return True
+        try:
+            return so.ready(req.request_id)
+        except StructuredOutputError as e:
+            logger.info("Request %s: %s", req.request_id, e)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._failed.append(EngineCoreOutput(req.request_id, [], finish_reason="abort", error=str(e)))
+            self._free(req)
+            return False
+
+    def _grammar_bitmask(self, num_scheduled: dict[str, int]) -> GrammarBitmask | None:
+        """Bitmask rows of the constrained requests that sample this step (not those mid-prefill)."""
+        so = self.structured_output
+        assert so is not None
+        ids = [
+            rid
+            for rid in num_scheduled
+            if rid in so and self.requests[rid].num_computed_tokens >= self.requests[rid].num_tokens
+        ]
+        return GrammarBitmask(ids, so.grammar_bitmask(ids)) if ids else None
+
+    def _advance_grammar(self, req: Request, new_ids: list[int]) -> None:
+        """Feed the sampled tokens to the request's matcher; a finished grammar finishes the request."""
+        so = self.structured_output
+        assert so is not None
+        rid = req.request_id
+        if not so.accept(rid, new_ids):
+            # The bitmask only allowed grammar tokens, so this is a bug: fail the request, never the engine.
+            logger.error("Request %s: the grammar rejected sampled tokens %s", rid, new_ids)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self._errors[rid] = f"Internal error: the output left its grammar at token {new_ids[-1]}."
+        elif not req.is_finished() and so.is_terminated(rid):
+            req.status = RequestStatus.FINISHED_STOPPED
 
     # ------------------------------------------------------------------ results
     def update_from_output(
         self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        outputs: list[EngineCoreOutput] = []
+        outputs, self._failed = self._failed, []
         for row, rid in enumerate(runner_out.req_ids):
             req = self.requests.get(rid)
             new_ids = runner_out.sampled_token_ids[row]
@@ -209,6 +279,8 @@ class Scheduler:
                 continue
             req.append_output_token_ids(new_ids)
             self._check_stop(req)
+            if self.structured_output is not None and rid in self.structured_output:
+                self._advance_grammar(req, new_ids)
             out = EngineCoreOutput(
                 request_id=rid,
                 new_token_ids=new_ids,
@@ -219,6 +291,7 @@ class Scheduler:
                 num_cached_tokens=max(req.num_cached_tokens, 0),
                 # With the first token only: the front end's queue-time metric.
                 scheduled_time=req.first_scheduled_time if req.num_output_tokens == len(new_ids) else None,
+                error=self._errors.pop(rid, None),
             )
             if req.is_finished():
                 self.running.remove(req)
