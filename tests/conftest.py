@@ -18,14 +18,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 2))
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture(autouse=True)
-def _skip_slow_unless_asked(request: pytest.FixtureRequest) -> None:
-    """Slow tests (multi-hundred-MB fetches) run only with ``-m slow`` or TIDELLM_SLOW_TESTS=1."""
-    if request.node.get_closest_marker("slow") is None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests (multi-hundred-MB fetches) run only with ``-m slow`` or TIDELLM_SLOW_TESTS=1. They are
+    skipped at collection, so their module-scoped fixtures (a model, a server) are never set up."""
+    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("TIDELLM_SLOW_TESTS") == "1":
         return
-    if "slow" in (request.config.getoption("markexpr") or "") or os.environ.get("TIDELLM_SLOW_TESTS") == "1":
-        return
-    pytest.skip("slow test: run with -m slow or TIDELLM_SLOW_TESTS=1")
+    skip = pytest.mark.skip(reason="slow test: run with -m slow or TIDELLM_SLOW_TESTS=1")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip)
 
 
 def _cache_root() -> Path:

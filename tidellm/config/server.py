@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from tidellm.config.engine import _f
 
 API_KEY_ENV = "TIDELLM_API_KEY"
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # see entrypoints/openai/tool_parsers
 
 
 @dataclass
@@ -33,6 +34,13 @@ class ServerConfig:
     )
     chat_template: str | None = _f(
         None, "Chat template: a Jinja file path or the template text; overrides the model's own template."
+    )
+    tool_call_parser: str | None = _f(
+        None,
+        "How tool calls are read from the model's reply on /v1/chat/completions: hermes (<tool_call>{...}"
+        '</tool_call>: Qwen2.5, Hermes) or llama3_json ({"name": ..., "parameters": ...}: Llama 3.1+). '
+        "Default: detected from the chat template (hermes when it shows neither).",
+        choices=TOOL_CALL_PARSERS,
     )
     log_level: str = _f("INFO", "Log level of tidellm and the engine process: debug, info, warning or error.")
     access_log: bool = _f(False, "Log one line per HTTP request.")
@@ -57,3 +65,7 @@ class ServerConfig:
             )
         if self.api_key == "":
             self.api_key = None
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} (got {self.tool_call_parser!r})."
+            )

@@ -33,6 +33,7 @@ from tidellm.config import EngineConfig
 from tidellm.config.server import ServerConfig
 from tidellm.engine.async_llm import AsyncLLM
 from tidellm.entrypoints.openai import errors
+from tidellm.entrypoints.openai.chat_tools import resolve_tool_format
 from tidellm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -270,8 +271,15 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, started_at: f
         raise
     exit_code = 0
     try:
-        ctx = ServerContext(engine, served_name, engine_config.model.model, chat_template)
+        ctx = ServerContext(
+            engine, served_name, engine_config.model.model, chat_template, config.tool_call_parser
+        )
         app = build_app(ctx, config, metrics)
+        if engine.task == "generate":
+            logger.info(
+                "%s",
+                resolve_tool_format(ctx.tool_call_parser, chat_template or engine.tokenizer.chat_template)[2],
+            )
         uv_config = uvicorn.Config(
             app,
             log_config=None,

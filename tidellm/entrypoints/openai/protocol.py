@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -119,11 +119,38 @@ class CompletionResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- chat
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends JSON text; a dict is accepted too
+
+
+class ChatMessageToolCall(OpenAIBaseModel):
+    """A call in an assistant message of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
     role: str
     # A string, or content parts: [{"type": "text", "text": "..."}]; other part types are refused by the handler.
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ChatMessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -133,8 +160,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ChatCompletionTool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}; checked by chat_tools
+    # so that a wrong value gets a message naming the accepted ones.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -154,9 +184,33 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatLogprobContent] | None = None
 
 
+class _NoNulls(BaseModel):
+    """Leaves unset fields out of the JSON: clients concatenate streamed tool-call fields, and a null would
+    turn into the text "null" in some of them."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallOut(_NoNulls):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(_NoNulls):
+    """A tool call in a response; in a stream, the first delta of a call has index, id, type and name."""
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -179,6 +233,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -217,6 +272,7 @@ class TokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatCompletionTool] | None = None  # rendered with messages, as chat completions would
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False

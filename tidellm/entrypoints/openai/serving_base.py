@@ -33,6 +33,7 @@ class ServerContext:
     served_model_name: str
     model_root: str
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # --tool-call-parser; None = detect from the chat template
 
 
 class ClientDisconnected(Exception):

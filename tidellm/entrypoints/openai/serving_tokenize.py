@@ -23,7 +23,8 @@ class OpenAIServingTokenize(OpenAIServingChat):
             if not req.messages:
                 raise errors.bad_request("messages must not be empty.", param="messages")
             # The template already carries bos, so special tokens are not added unless asked for.
-            text = self.render_text(req.messages, req.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            text = self.render_text(req.messages, req.add_generation_prompt, tools=tools)
             ids = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
         else:
             add = True if req.add_special_tokens is None else req.add_special_tokens
