@@ -78,7 +78,7 @@ def test_missing_required(http):
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"temperature": "hot"}, "temperature"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),  # test_openai_structured_outputs.py
         ({"tool_choice": "required"}, "tool_choice"),  # no tools; the rest: test_openai_tools.py
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

@@ -27,6 +27,31 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's ``structured_outputs`` request field; unknown keys are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
 class _SamplingFields(OpenAIBaseModel):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
@@ -53,6 +78,16 @@ class _SamplingFields(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    # Structured outputs (see structured_outputs.py): OpenAI's response_format, vLLM's guided_* extras and
+    # its newer structured_outputs object.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``SamplingParams.from_optional`` (``None`` = the default)."""
@@ -159,7 +194,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[ChatCompletionTool] | None = None
     # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}; checked by chat_tools
     # so that a wrong value gets a message naming the accepted ones.

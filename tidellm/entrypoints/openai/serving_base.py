@@ -70,6 +70,18 @@ class OpenAIServing:
         except (ValueError, TypeError) as e:
             raise errors.from_exception(e) from None
 
+    async def check_structured_outputs(self, params: SamplingParams, param: str | None) -> None:
+        """A 400 naming ``param`` when the request's schema, regex or grammar cannot be compiled or enforced.
+        Checked here, before anything is queued (parsing is cheap and remembered; a thread keeps the first
+        use, which imports the grammar library, off the event loop)."""
+        if params.structured_outputs is None:
+            return
+        validator = self.engine.input_processor.structured_outputs
+        try:
+            await asyncio.to_thread(validator.validate, params.structured_outputs)
+        except ValueError as e:
+            raise errors.bad_request(str(e), param=param) from None
+
     @staticmethod
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"

@@ -34,6 +34,7 @@ from tidellm.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from tidellm.entrypoints.openai.serving_base import SSE_DONE, OpenAIServing, ServerContext, sse, sse_error
+from tidellm.entrypoints.openai.structured_outputs import structured_outputs_from_request
 from tidellm.entrypoints.openai.tool_parsers import StreamDelta, ToolCallStreamer, ToolParser
 from tidellm.outputs import CompletionOutput
 
@@ -124,10 +125,7 @@ class OpenAIServingChat(OpenAIServing):
             raise errors.bad_request(
                 "stream_options is only allowed when stream is true.", param="stream_options"
             )
-        if req.response_format is not None and req.response_format.get("type", "text") != "text":
-            raise errors.bad_request(
-                "response_format other than 'text' is not supported yet.", param="response_format"
-            )
+        structured, structured_param = structured_outputs_from_request(req)
         plan = plan_tools(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise errors.bad_request("top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -142,6 +140,7 @@ class OpenAIServingChat(OpenAIServing):
                 **req.sampling_kwargs(),
                 max_tokens=max_tokens,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                structured_outputs=structured,
             )
         except errors.APIError as e:
             if e.param == "logprobs":
@@ -150,6 +149,7 @@ class OpenAIServingChat(OpenAIServing):
                 e.param = max_tokens_param
             raise
         plan.constrain(params)
+        await self.check_structured_outputs(params, structured_param or "tools")
         prompt_ids = self.render_prompt(
             req.messages, req.add_generation_prompt, req.chat_template_kwargs, plan.shown_tools
         )

@@ -25,6 +25,7 @@ from tidellm.entrypoints.openai.serving_base import (
     sse,
     sse_error,
 )
+from tidellm.entrypoints.openai.structured_outputs import structured_outputs_from_request
 from tidellm.outputs import CompletionOutput, RequestOutput
 
 
@@ -67,12 +68,15 @@ class OpenAIServingCompletion(OpenAIServing):
             )
         prompts = normalize_prompts(req.prompt)
         want_prompt_lps = req.echo and req.logprobs is not None
+        structured, structured_param = structured_outputs_from_request(req)
         params = self.make_sampling_params(
             **req.sampling_kwargs(),
             max_tokens=req.max_tokens,
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if want_prompt_lps else None,
+            structured_outputs=structured,
         )
+        await self.check_structured_outputs(params, structured_param)
         streams = await self.submit(
             request_id,
             prompts,
