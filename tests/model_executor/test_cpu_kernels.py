@@ -96,8 +96,9 @@ def test_block_matmul_matches_dense(fmt: str, rows: int, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 def test_bf16_batches(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 activations: small batches through the fp32 kernel, large ones through the GEMM on weights widened
-    to bf16 (native bf16 CPUs) or fp32 (others); both close to the bf16 dense product."""
+    """bf16 activations: small batches through the kernel (fp32 math, the result rounded to bf16 once, or
+    fp32 when asked), large ones through the GEMM on weights widened to bf16 (native bf16 CPUs) or fp32
+    (others); all close to the dense product."""
     monkeypatch.setattr(quant_method, "MAX_KERNEL_ROWS", {fmt: 8})
     monkeypatch.setattr(quant_method, "MAX_KERNEL_ROWS_BF16", {fmt: 8})
     torch.manual_seed(1)
@@ -109,9 +110,14 @@ def test_bf16_batches(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
             x = torch.randn(rows, 96).bfloat16()
             ref = x.float() @ qt.dequantize().T
             got = block.matmul(x, qt)
-            wide = rows > 8 and native
-            assert got.dtype == (torch.bfloat16 if wide else torch.float32)
-            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=0.15 if wide else 1e-4)
+            if rows <= 8:
+                exact = block.matmul(x, qt, fp32_out=True)
+                assert got.dtype == torch.bfloat16 and exact.dtype == torch.float32
+                assert torch.equal(got, exact.bfloat16())  # one rounding, as .to(torch.bfloat16)
+                torch.testing.assert_close(exact, ref, rtol=2e-2, atol=1e-4)
+                continue
+            assert got.dtype == (torch.bfloat16 if native else torch.float32)
+            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=0.15 if native else 1e-4)
 
 
 def test_widen_path_in_slices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,3 +282,70 @@ def test_paged_decode_sliding_window_reads_only_the_window(dtype: torch.dtype, d
     assert out[0].isnan().all()
     with pytest.raises(ValueError, match="window >= 0"):
         cpu_kernels.paged_decode(q, d.rows, kv, d.block_table, d.seq_lens, 0.25, out, -1)
+
+
+# ---------------------------------------------------------------- the decode glue kernels
+def _within_one_ulp(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to rounding: one bf16 unit in the last place, or four fp32 ones (FMA contraction and exp
+    implementations differ by an fp32 ulp or two before a product rounds again)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    ulps = 1 if ref.dtype == torch.bfloat16 else 4
+    ulp = torch.finfo(ref.dtype).eps * ref.float().abs().clamp_min(torch.finfo(ref.dtype).tiny)
+    assert bool(((got.float() - ref.float()).abs() <= ulp * ulps * 1.01 + 1e-30).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype: torch.dtype) -> None:
+    from tidellm.model_executor.layers.activation import SiluAndMul
+
+    x = (torch.randn(5, 2 * 160) * 4).to(dtype)
+    d = x.shape[1] // 2
+    ref = torch.nn.functional.silu(x[:, :d]).mul_(x[:, d:])  # what SiluAndMul computed before the kernel
+    got = cpu_kernels.silu_and_mul(x)
+    _within_one_ulp(got, ref)
+    assert torch.equal(SiluAndMul()(x), got)  # the module takes the kernel on CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [64, 48])
+def test_rotary_in_place_matches_apply_rotary(dtype: torch.dtype, rotary_dim: int) -> None:
+    """q and k heads as one strided slice of a wider qkv row, rotated in place; partial rotary leaves the
+    rest of each head alone."""
+    from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary, rotate_owned
+
+    heads, head_dim, ntok = 5, 64, 7
+    rope = RotaryEmbedding(
+        head_dim, 128, 10000.0, {"partial_rotary_factor": rotary_dim / head_dim}, dtype, torch.device("cpu")
+    )
+    positions = torch.tensor([0, 3, 9, 17, 64, 100, 127])
+    cos, sin = rope(positions)
+    qkv = torch.randn(ntok, (heads + 2) * head_dim).to(dtype)
+    x = qkv[:, : heads * head_dim].view(ntok, heads, head_dim)
+    ref = apply_rotary(x, cos, sin)
+    untouched = qkv[:, heads * head_dim :].clone()
+    got = rotate_owned(x, cos, sin)
+    assert got.data_ptr() == x.data_ptr()  # in place, in the caller's buffer
+    # x1 cos - x2 sin cancels: an FMA's single rounding shows up at the inputs' scale, not the result's.
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), rtol=8e-3, atol=4e-2)
+        assert (got == ref).float().mean() > 0.99
+    assert torch.equal(qkv[:, heads * head_dim :], untouched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_matches_index_copy(dtype: torch.dtype) -> None:
+    from tidellm.model_executor.layers.attention import write_kv_cache
+
+    ntok, kv_heads, head_dim = 6, 3, 32
+    kv = torch.zeros(2, 10, 4, kv_heads, head_dim, dtype=dtype)
+    qkv = torch.randn(ntok, (4 + 2 * kv_heads) * head_dim).to(dtype)
+    k = qkv[:, 4 * head_dim : (4 + kv_heads) * head_dim].view(ntok, kv_heads, head_dim)
+    v = qkv[:, (4 + kv_heads) * head_dim :].view(ntok, kv_heads, head_dim)
+    slots = torch.tensor([0, 5, 6, 39, 17, 22])
+    ref = kv.clone()
+    ref[0].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    ref[1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    write_kv_cache(kv, k, v, slots)
+    assert torch.equal(kv, ref)

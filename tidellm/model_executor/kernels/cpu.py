@@ -98,6 +98,19 @@ def library() -> ctypes.CDLL:
     lib.tide_paged_decode.restype = None
     lib.tide_paged_decode_bf16.argtypes = lib.tide_paged_decode.argtypes
     lib.tide_paged_decode_bf16.restype = None
+    lib.tide_q4_1_gemm_bf16.argtypes = lib.tide_q4_1_gemm.argtypes
+    lib.tide_q4_1_gemm_bf16.restype = None
+    lib.tide_q8_0_gemm_bf16.argtypes = lib.tide_q8_0_gemm.argtypes
+    lib.tide_q8_0_gemm_bf16.restype = None
+    for name in ("tide_silu_mul", "tide_silu_mul_bf16"):
+        getattr(lib, name).argtypes = [_ptr, _i64, _i64, _ptr]
+        getattr(lib, name).restype = None
+    for name in ("tide_rope", "tide_rope_bf16"):
+        getattr(lib, name).argtypes = [_ptr] + [_i64] * 5 + [_ptr, _i64]
+        getattr(lib, name).restype = None
+    for name in ("tide_kv_write", "tide_kv_write_bf16"):
+        getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
+        getattr(lib, name).restype = None
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 
@@ -117,20 +130,56 @@ def _warn_once(reason: str) -> None:
 
 
 def matmul(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] fp32 contiguous times the blocks' [N, K] transposed -> [M, N] fp32.
+    """x [M, K] contiguous times the blocks' [N, K] transposed -> [M, N] in x's dtype: fp32, or bf16 (widened
+    to fp32 inside, the result rounded to nearest even as ``.to(torch.bfloat16)`` would).
 
     Q4_1 when ``m`` is given: q [N, K/32, 16] uint8, d and m [N, K/32] fp32; else Q8_0: q [N, K/32, 32]
     int8, d [N, K/32]."""
     n_rows, k = x.shape
-    out = torch.empty(n_rows, q.shape[0], dtype=torch.float32)
+    bf16 = x.dtype == torch.bfloat16
+    out = torch.empty(n_rows, q.shape[0], dtype=x.dtype)
     lib = library()
     if m is not None:
-        lib.tide_q4_1_gemm(
+        (lib.tide_q4_1_gemm_bf16 if bf16 else lib.tide_q4_1_gemm)(
             x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), m.data_ptr(), q.shape[0], out.data_ptr()
         )
     else:
-        lib.tide_q8_0_gemm(x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr())
+        (lib.tide_q8_0_gemm_bf16 if bf16 else lib.tide_q8_0_gemm)(
+            x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr()
+        )
     return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[:, :I]) * x[:, I:]`` for contiguous x [M, 2I], fp32 or bf16 -> [M, I] (SiluAndMul's result)."""
+    rows, width = x.shape
+    out = torch.empty(rows, width // 2, dtype=x.dtype)
+    lib = library()
+    (lib.tide_silu_mul_bf16 if x.dtype == torch.bfloat16 else lib.tide_silu_mul)(
+        x.data_ptr(), rows, width // 2, out.data_ptr()
+    )
+    return out
+
+
+def rotary_(x: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int) -> None:
+    """Rotate x [T, n, D] in place (heads contiguous, any token stride) by cos_sin [T, R] (cos | sin halves,
+    x's dtype, the token's row): apply_rotary's result for the first ``rotary_dim`` dimensions of each head."""
+    ntok, n, d = x.shape
+    lib = library()
+    (lib.tide_rope_bf16 if x.dtype == torch.bfloat16 else lib.tide_rope)(
+        x.data_ptr(), ntok, x.stride(0), n, d, rotary_dim, cos_sin.data_ptr(), cos_sin.stride(0)
+    )
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v [T, Hkv, D] (heads contiguous, any token stride) into kv_cache [2, NB, bs, Hkv, D] (contiguous, the
+    same dtype) at slot_mapping [T] int64 (contiguous)."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    lib = library()
+    (lib.tide_kv_write_bf16 if k.dtype == torch.bfloat16 else lib.tide_kv_write)(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k.shape[0], num_kv_heads * head_dim,
+        kv_cache.data_ptr(), num_blocks * block_size, slot_mapping.data_ptr(),
+    )  # fmt: skip
 
 
 def dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

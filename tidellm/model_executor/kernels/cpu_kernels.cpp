@@ -182,12 +182,31 @@ inline void row_dot(const float* x, int64_t ldx, int64_t nb, const uint8_t* q, c
 }
 #endif
 
+// fp32 -> bf16, rounding to nearest even (what torch's .to(torch.bfloat16) does for finite values).
+inline uint16_t to_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+inline void store1(float* o, float v) { *o = v; }
+inline void store1(uint16_t* o, float v) { *o = to_bf16(v); }
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t b = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+// What storing to T and reading back gives: fp32 unchanged, bf16 rounded (to repeat torch's bf16 roundings).
+inline float round_to(float v, const float*) { return v; }
+inline float round_to(float v, const uint16_t*) { return bf16_to_float(to_bf16(v)); }
+
 template <class F>
 using RowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, float*);
 
-template <class F>
+// out [M, N] in T: fp32, or bf16 rounded to nearest even (as a later .to(torch.bfloat16) would round).
+template <class F, class T>
 void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m, int64_t N,
-          float* out) {
+          T* out) {
   static const RowFn<F> kernels[kMaxRows + 1] = {nullptr,       row_dot<F, 1>, row_dot<F, 2>,
                                                  row_dot<F, 3>, row_dot<F, 4>, row_dot<F, 5>,
                                                  row_dot<F, 6>, row_dot<F, 7>, row_dot<F, 8>};
@@ -205,17 +224,11 @@ void gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* d
       for (int64_t n = n0; n < n1; ++n) {
         float res[kMaxRows];
         kernels[rows](x + r0 * K, K, nb, q + n * row_bytes, d + n * nb, m != nullptr ? m + n * nb : nullptr, res);
-        for (int r = 0; r < rows; ++r) out[(r0 + r) * N + n] = res[r];
+        for (int r = 0; r < rows; ++r) store1(out + (r0 + r) * N + n, res[r]);
       }
     }
 }
 
-// fp32 -> bf16, rounding to nearest even (what torch's .to(torch.bfloat16) does for finite values).
-inline uint16_t to_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
 
 #if defined(TIDE_AVX512)
 inline void store(float* o, vf v) { _mm512_storeu_ps(o, v); }
@@ -235,8 +248,6 @@ inline void store(uint16_t* o, vf v) {
                    _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 #endif
-inline void store1(float* o, float v) { *o = v; }
-inline void store1(uint16_t* o, float v) { *o = to_bf16(v); }
 
 // Whole rows widened (for large batches, which run faster through the BLAS GEMM): out [N, K], fp32 or bf16
 // (T = uint16_t; for models running in bf16 on CPUs with native bf16 GEMMs).
@@ -290,6 +301,59 @@ void rms_norm(T* x, const T* residual, const T* w, float eps, int64_t M, int64_t
     T* o = out + r * H;
 #pragma omp simd
     for (int64_t i = 0; i < H; ++i) store1(o + i, ld(w, i) * (ld(xr, i) * inv));
+  }
+}
+
+// The per-layer glue of a decode step, one call each instead of several tensor ops (whose fixed cost, a few
+// microseconds each, is a third of a one-token step of a small model). Each repeats the roundings of the torch
+// ops it replaces, so bf16 results match them (up to an fp32 ulp before rounding where FMA contracts).
+
+// SwiGLU on a merged [gate | up] row: out[r, i] = silu(x[r, i]) * x[r, I + i] (silu rounded to T first, as
+// F.silu(...).mul_(...) rounds).
+template <class T>
+void silu_mul(const T* x, int64_t M, int64_t I, T* out) {
+#pragma omp parallel for schedule(static) if (M > 8)
+  for (int64_t r = 0; r < M; ++r) {
+    const T* g = x + r * 2 * I;
+    const T* u = g + I;
+    T* o = out + r * I;
+    for (int64_t i = 0; i < I; ++i) {
+      const float a = ld(g, i);
+      const float s = round_to(a / (1.0f + std::exp(-a)), g);
+      store1(o + i, s * ld(u, i));
+    }
+  }
+}
+
+// Rotary embedding in place on x [T, n, D] (token stride ldx, heads contiguous): the first R dimensions of each
+// head rotate by the token's row of cs [T, R] (cos in the first R/2, sin in the rest; already gathered by
+// position), the rest stay. Rounds like apply_rotary's mul + addcmul_ pairs.
+template <class T>
+void rope(T* x, int64_t ntok, int64_t ldx, int64_t n, int64_t D, int64_t R, const T* cs, int64_t ldcs) {
+  const int64_t half = R / 2;
+#pragma omp parallel for schedule(static) if (ntok > 8)
+  for (int64_t t = 0; t < ntok; ++t) {
+    const T* c = cs + t * ldcs;
+    for (int64_t h = 0; h < n; ++h) {
+      T* xh = x + t * ldx + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = ld(xh, i), x2 = ld(xh, half + i), cos = ld(c, i), sin = ld(c, half + i);
+        const float a = round_to(x1 * cos, xh), b = round_to(x2 * cos, xh);
+        store1(xh + i, a - x2 * sin);
+        store1(xh + half + i, b + x1 * sin);
+      }
+    }
+  }
+}
+
+// Store this step's keys and values in the paged cache: k, v [T, Hkv, D] (token strides ldk, ldv) at slots
+// slot[t] of kv [2, slots, Hkv, D].
+template <class T>
+void kv_write(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t ntok, int64_t row, T* kv, int64_t slots,
+              const int64_t* slot) {
+  for (int64_t t = 0; t < ntok; ++t) {
+    std::memcpy(kv + slot[t] * row, k + t * ldk, row * sizeof(T));
+    std::memcpy(kv + (slots + slot[t]) * row, v + t * ldv, row * sizeof(T));
   }
 }
 
@@ -490,6 +554,41 @@ void tide_q4_1_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, cons
 void tide_q8_0_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
                     float* out) {
   gemm<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+}
+
+// The same with x and out bf16 (x is widened to fp32 once; out is rounded to nearest even).
+void tide_q4_1_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
+                         int64_t N, uint16_t* out) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
+  gemm<Q41>(xf.data(), M, K, q, d, m, N, out);
+}
+
+void tide_q8_0_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
+                         uint16_t* out) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
+  gemm<Q80>(xf.data(), M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+}
+
+void tide_silu_mul(const float* x, int64_t M, int64_t I, float* out) { silu_mul(x, M, I, out); }
+void tide_silu_mul_bf16(const uint16_t* x, int64_t M, int64_t I, uint16_t* out) { silu_mul(x, M, I, out); }
+
+void tide_rope(float* x, int64_t ntok, int64_t ldx, int64_t n, int64_t D, int64_t R, const float* cs, int64_t ldcs) {
+  rope(x, ntok, ldx, n, D, R, cs, ldcs);
+}
+void tide_rope_bf16(uint16_t* x, int64_t ntok, int64_t ldx, int64_t n, int64_t D, int64_t R, const uint16_t* cs,
+                    int64_t ldcs) {
+  rope(x, ntok, ldx, n, D, R, cs, ldcs);
+}
+
+void tide_kv_write(const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t ntok, int64_t row, float* kv,
+                   int64_t slots, const int64_t* slot) {
+  kv_write(k, ldk, v, ldv, ntok, row, kv, slots, slot);
+}
+void tide_kv_write_bf16(const uint16_t* k, int64_t ldk, const uint16_t* v, int64_t ldv, int64_t ntok, int64_t row,
+                        uint16_t* kv, int64_t slots, const int64_t* slot) {
+  kv_write(k, ldk, v, ldv, ntok, row, kv, slots, slot);
 }
 
 void tide_q4_1_dequant(const uint8_t* q, const float* d, const float* m, int64_t N, int64_t K, float* out) {

@@ -74,7 +74,7 @@ class LMHead(_VocabMatrix):
         """[N, H] -> [N, V] float32 (the sampler works in fp32 whatever the model dtype)."""
         src = self.source
         if src.qweight is not None:
-            return src.quant_method.matmul(hidden, src.qweight).float()
+            return src.quant_method.matmul(hidden, src.qweight, fp32_out=True).float()
         if self.matmul_in_fp32:
             return F.linear(hidden.float(), src.weight.float())
         return F.linear(hidden, src.weight).float()

@@ -22,7 +22,7 @@ from tidellm.model_executor.layers.attention import Attention
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, QKVLinear
 from tidellm.model_executor.layers.norm import GemmaRMSNorm
-from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
+from tidellm.model_executor.layers.rotary import RotaryEmbedding, rotate_owned
 from tidellm.model_executor.models.llama import STACKED_PARAMS, LlamaForCausalLM, LlamaMLP
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
@@ -82,7 +82,7 @@ class Gemma3Attention(nn.Module):
         k = self.k_norm(
             qkv[:, q_size : q_size + kv_size].reshape(num_tokens, self.num_kv_heads, self.head_dim)
         )
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)  # [T, H, D], [T, Hkv, D]
+        q, k = rotate_owned(q, *cos_sin), rotate_owned(k, *cos_sin)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, q_size + kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v))  # [T, H D] -> [T, hidden]
 

@@ -19,7 +19,7 @@ from tidellm.model_executor.layers.attention import Attention
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from tidellm.model_executor.layers.norm import RMSNorm
-from tidellm.model_executor.layers.rotary import RotaryEmbedding, apply_rotary
+from tidellm.model_executor.layers.rotary import RotaryEmbedding, rotate_owned
 from tidellm.model_executor.layers.weight_utils import load_named_weights
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
@@ -95,12 +95,12 @@ class LlamaAttention(nn.Module):
         if self.q_norm is None:
             # q and k are adjacent in the qkv output: rotate both in one pass.
             qk = qkv[:, :qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-            qk = apply_rotary(qk, *cos_sin)  # [T, H + Hkv, D]
+            qk = rotate_owned(qk, *cos_sin)  # [T, H + Hkv, D]
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         else:
             q = self.q_norm(qkv[:, :q_size].reshape(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(qkv[:, q_size:qk_size].reshape(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)  # [T, H, D], [T, Hkv, D]
+            q, k = rotate_owned(q, *cos_sin), rotate_owned(k, *cos_sin)  # [T, H, D], [T, Hkv, D]
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         return self.o_proj(self.attn(q, k, v))  # [T, H D] -> [T, hidden]
 

@@ -76,16 +76,18 @@ class BlockQuantMethod:
             raise ValueError(f"checkpoint shape {loaded.shape} != expected {(size, target.shape[1])}")
         target.copy_rows_(offset, loaded)
 
-    def matmul(self, x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
-        """x [..., K] -> x W^T [..., N]: fp32 from the block kernel (small batches) or from the GEMM on
-        weights widened to fp32; bf16 from the GEMM on bf16-widened weights when x is bf16 and the CPU
-        multiplies bf16 natively (about 4x the fp32 GEMM on AVX-512 BF16 machines)."""
+    def matmul(self, x: torch.Tensor, w: QuantizedTensor, fp32_out: bool = False) -> torch.Tensor:
+        """x [..., K] -> x W^T [..., N]. Small batches: the block kernel (fp32 math), the result in x's dtype
+        (fp32 or bf16, rounded once), or fp32 with ``fp32_out``. Larger ones: the GEMM on weights widened to
+        fp32, or to bf16 when x is bf16 and the CPU multiplies bf16 natively (about 4x the fp32 GEMM on
+        AVX-512 BF16 machines)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         bf16 = x2.dtype == torch.bfloat16 and cpu_has_native_bf16()
         if x2.shape[0] <= (MAX_KERNEL_ROWS_BF16 if bf16 else MAX_KERNEL_ROWS)[w.fmt]:
-            x2 = x2.float().contiguous()
-            return cpu_kernels.matmul(x2, w.q, w.d, w.m).view(*lead, w.shape[0])
+            if fp32_out or x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            return cpu_kernels.matmul(x2.contiguous(), w.q, w.d, w.m).view(*lead, w.shape[0])
         dtype = torch.bfloat16 if bf16 else torch.float32
         x2 = x2.to(dtype)
         rows, cols = w.shape
@@ -118,9 +120,10 @@ class BlockQuantLinearMethod(LinearMethod):
         self.block.store(layer.qweight, loaded, rows)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = self.block.matmul(x, layer.qweight)
-        if bias is not None:
-            y += bias
+        if bias is None:
+            return self.block.matmul(x, layer.qweight).to(x.dtype)
+        y = self.block.matmul(x, layer.qweight, fp32_out=True)  # the bias is added before rounding
+        y += bias
         return y.to(x.dtype)
 
 

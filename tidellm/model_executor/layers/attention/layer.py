@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tidellm.model_executor.forward_context import get_forward_context
+from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.attention.metadata import AttentionMetadata
 from tidellm.model_executor.layers.attention.sdpa_backend import paged_sdpa_attention
 
@@ -21,6 +22,18 @@ def write_kv_cache(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store k, v [T, Hkv, D] at cache slots slot_mapping [T] of kv_cache [2, NB, bs, Hkv, D]."""
+    if (
+        k.device.type == "cpu"
+        and k.dtype == v.dtype == kv_cache.dtype
+        and k.dtype in (torch.float32, torch.bfloat16)
+        and k.stride(2) == v.stride(2) == 1
+        and k.stride(1) == v.stride(1) == k.shape[2]
+        and kv_cache.is_contiguous()
+        and slot_mapping.is_contiguous()
+        and cpu_kernels.available()
+    ):
+        cpu_kernels.kv_write(k, v, kv_cache, slot_mapping)  # one call instead of two index_copy_
+        return
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
