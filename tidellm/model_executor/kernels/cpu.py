@@ -111,6 +111,9 @@ def library() -> ctypes.CDLL:
     for name in ("tide_kv_write", "tide_kv_write_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
         getattr(lib, name).restype = None
+    for name in ("tide_decode_layers", "tide_decode_layers_bf16"):
+        getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
+        getattr(lib, name).restype = None
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 
@@ -245,3 +248,55 @@ def paged_decode(
         block_table.data_ptr(), block_table.shape[1], seq_lens.data_ptr(), window, rows.shape[0], q.shape[1],
         num_kv_heads, head_dim, scale, out.data_ptr(),
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- fused decode layers (models/fused_decode.py)
+class Blocks(ctypes.Structure):
+    """A block-quantized matrix: codes, scales, Q4_1 minimums (null for Q8_0), its [rows, cols]."""
+
+    _fields_ = [("q", _ptr), ("d", _ptr), ("m", _ptr), ("rows", _i64), ("cols", _i64)]
+
+    @classmethod
+    def of(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int, cols: int) -> Blocks:
+        return cls(q.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), rows, cols)
+
+
+class Layer(ctypes.Structure):
+    """One decoder layer's weights and KV cache for ``decode_layers``."""
+
+    _fields_ = [
+        ("norm1", _ptr), ("norm2", _ptr), ("qkv", Blocks), ("o", Blocks), ("gate_up", Blocks), ("down", Blocks),
+        ("kv", _ptr), ("window", _i64),
+    ]  # fmt: skip
+
+
+class Step(ctypes.Structure):
+    """The step's shapes, per-row inputs and scratch buffers for ``decode_layers``."""
+
+    _fields_ = [
+        *((name, _i64) for name in (
+            "rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "inter", "num_blocks", "block_size",
+            "max_blocks",
+        )),
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        *((name, _ptr) for name in (
+            "cos_sin", "slots", "block_table", "seq_lens", "row_ids", "normed", "qkv", "attn", "gate_up", "act",
+        )),
+    ]  # fmt: skip
+
+
+def decode_layers(
+    layers: ctypes.Array, step: Step, a: torch.Tensor, b: torch.Tensor, has_residual: bool
+) -> None:
+    """Run ``len(layers)`` decoder layers on the decode rows: ``a`` holds their input and receives their
+    output, ``b`` the residual stream in and out (fp32 or bf16, contiguous [rows, hidden])."""
+    lib = library()
+    fn = lib.tide_decode_layers_bf16 if a.dtype == torch.bfloat16 else lib.tide_decode_layers
+    fn(
+        ctypes.addressof(layers),
+        len(layers),
+        ctypes.addressof(step),
+        a.data_ptr(),
+        b.data_ptr(),
+        int(has_residual),
+    )

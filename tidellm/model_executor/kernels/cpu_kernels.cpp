@@ -540,6 +540,85 @@ void paged_decode_any(const T* q, int64_t q_stride, const int64_t* rows, const T
      out);
 }
 
+// ---------------------------------------------------------------- a whole decode step's layers in one call
+// A Llama-style decoder (pre-norm RMSNorm, q|k|v and gate|up merged projections in blocks, RoPE, paged decode
+// attention, SwiGLU) run layer after layer for a batch of decode rows, so a step of a small model costs one
+// call from Python instead of about forty tensor ops and ten kernel calls per layer. Each stage is the kernel
+// the layer-by-layer path calls, with the same roundings, so both paths give the same numbers.
+struct TideBlocks {
+  const uint8_t* q;
+  const float* d;
+  const float* m;  // Q4_1 minimums; null for Q8_0
+  int64_t rows, cols;
+};
+
+struct TideLayer {
+  const void* norm1;  // [hidden] T
+  const void* norm2;
+  TideBlocks qkv, o, gate_up, down;
+  void* kv;  // [2, num_blocks, block_size, kv_heads, head_dim] T
+  int64_t window;  // 0: full context
+};
+
+struct TideStep {
+  int64_t rows, hidden, heads, kv_heads, head_dim, rotary_dim, inter, num_blocks, block_size, max_blocks;
+  float eps, scale;
+  const void* cos_sin;  // [rows, rotary_dim] T, each row's cos | sin
+  const int64_t* slots;  // [rows] cache slot of each row's new key
+  const int64_t* block_table;  // [rows, max_blocks]
+  const int64_t* seq_lens;  // [rows]
+  const int64_t* row_ids;  // [rows] 0..rows-1
+  void* normed;  // scratch [rows, hidden] T
+  void* qkv;  // [rows, (heads + 2 kv_heads) head_dim]
+  void* attn;  // [rows, heads head_dim]
+  void* gate_up;  // [rows, 2 inter]
+  void* act;  // [rows, inter]
+};
+
+template <class T>
+void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out) {
+  const float* xf = reinterpret_cast<const float*>(x);
+  std::vector<float> wide;
+  if constexpr (sizeof(T) == 2) {
+    wide.resize(M * w.cols);
+    for (int64_t i = 0; i < M * w.cols; ++i) wide[i] = ld(x, i);
+    xf = wide.data();
+  }
+  if (w.m != nullptr)
+    gemm<Q41>(xf, M, w.cols, w.q, w.d, w.m, w.rows, out);
+  else
+    gemm<Q80>(xf, M, w.cols, w.q, w.d, nullptr, w.rows, out);
+}
+
+// a: the layers' input (the embedding output) and on return their output; b: the residual stream (read only
+// when has_residual) and on return the residual before the last layer's MLP, as LlamaDecoderLayer returns them.
+template <class T>
+void decode_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, T* b, bool has_residual) {
+  const int64_t M = s.rows, H = s.hidden, D = s.head_dim;
+  const int64_t nq = s.heads * D, nkv = s.kv_heads * D, nqkv = nq + 2 * nkv;
+  T* normed = static_cast<T*>(s.normed);
+  T* qkv = static_cast<T*>(s.qkv);
+  T* attn = static_cast<T*>(s.attn);
+  T* gu = static_cast<T*>(s.gate_up);
+  T* act = static_cast<T*>(s.act);
+  for (int64_t l = 0; l < n; ++l) {
+    const TideLayer& L = layers[l];
+    T* kv = static_cast<T*>(L.kv);
+    // a += b (the residual stream), normed = norm(a); a becomes the residual.
+    rms_norm(a, (l == 0 && !has_residual) ? nullptr : b, static_cast<const T*>(L.norm1), s.eps, M, H, normed);
+    block_linear(L.qkv, normed, M, qkv);
+    rope(qkv, M, nqkv, s.heads + s.kv_heads, D, s.rotary_dim, static_cast<const T*>(s.cos_sin), s.rotary_dim);
+    kv_write(qkv + nq, nqkv, qkv + nq + nkv, nqkv, M, nkv, kv, s.num_blocks * s.block_size, s.slots);
+    paged_decode_any(qkv, nqkv, s.row_ids, kv, s.num_blocks, s.block_size, s.block_table, s.max_blocks, s.seq_lens,
+                     L.window, M, s.heads, s.kv_heads, D, s.scale, attn);
+    block_linear(L.o, attn, M, b);  // b = o_proj(attn); then b += a, normed = norm(b): b is the residual
+    rms_norm(b, a, static_cast<const T*>(L.norm2), s.eps, M, H, normed);
+    block_linear(L.gate_up, normed, M, gu);
+    silu_mul(gu, M, s.inter, act);
+    block_linear(L.down, act, M, a);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -631,6 +710,15 @@ void tide_paged_decode_bf16(const uint16_t* q, int64_t q_stride, const int64_t* 
                             float scale, uint16_t* out) {
   paged_decode_any(q, q_stride, rows, kv, num_blocks, block_size, block_table, max_blocks, seq_lens, window, B, H,
                    Hkv, D, scale, out);
+}
+
+void tide_decode_layers(const TideLayer* layers, int64_t n, const TideStep* step, float* a, float* b,
+                        int64_t has_residual) {
+  decode_layers(layers, n, *step, a, b, has_residual != 0);
+}
+void tide_decode_layers_bf16(const TideLayer* layers, int64_t n, const TideStep* step, uint16_t* a, uint16_t* b,
+                             int64_t has_residual) {
+  decode_layers(layers, n, *step, a, b, has_residual != 0);
 }
 
 int tide_simd_level() {

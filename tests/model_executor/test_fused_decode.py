@@ -1,0 +1,74 @@
+"""The fused decode path (models/fused_decode.py: all layers of a decode step in one compiled call) against the
+layer-by-layer path it replaces: the same tokens and bit-identical logprobs, fp32 and bf16, on the real SmolLM2
+GGUF (Q4_1 blocks) and on a sliding-window Mistral re-quantized to Q8_0; and which models take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sliding_window import mistral as mistral  # the tiny sliding-window Mistral fixture
+
+from tidellm import LLM, SamplingParams
+from tidellm.model_executor.kernels import cpu as cpu_kernels
+from tidellm.model_executor.models.fused_decode import FusedDecode
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler for the CPU kernels")
+
+
+def _runs(llm: LLM, prompts, params: SamplingParams, fused: bool, monkeypatch: pytest.MonkeyPatch):
+    """Outputs with the fused path on or off, and how many steps it took."""
+    model = llm.engine.core.runner.model.model
+    model.fused_decode = None if fused else False
+    calls = []
+    real = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    model.fused_decode = None
+    return [
+        (
+            o.outputs[0].token_ids,
+            [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)],
+        )
+        for o in outs
+    ], len(calls)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2_fused_equals_layer_by_layer(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No prefix caching: the second run's prefill must compute what the first one did.
+    llm = LLM("smollm2-135m", dtype=dtype, kv_cache_memory_gb=0.1, max_model_len=512, max_num_batched_tokens=16,
+              enable_prefix_caching=False, log_level="WARNING")  # fmt: skip
+    prompts = [
+        "The tides rise and fall because",
+        "def fibonacci(n):",
+        "Paris is the capital of " * 4,
+        "1, 2, 3,",
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True)
+    fused, fused_steps = _runs(llm, prompts, params, True, monkeypatch)
+    plain, plain_steps = _runs(llm, prompts, params, False, monkeypatch)
+    assert fused_steps >= 11 and plain_steps == 0  # decode steps only (prefill chunks take the other path)
+    assert fused == plain  # tokens and logprobs, bit for bit
+
+
+def test_sliding_window_model_fused_equals_layer_by_layer(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Mistral with a 6-token window re-quantized to Q8_0 (its widths are whole blocks): the kernel applies
+    the window per layer; decodes run far past it."""
+    _, folder = mistral
+    llm = LLM(str(folder), dtype="float32", quantization="q8_0", max_model_len=64, kv_cache_memory_gb=0.01,
+              block_size=4, enable_prefix_caching=False, log_level="WARNING")  # fmt: skip
+    assert isinstance(FusedDecode.build(llm.engine.core.runner.model.model), FusedDecode)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 200, (n,), generator=g).tolist() for n in (3, 11, 7)]
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=0, ignore_eos=True)
+    fused, steps = _runs(llm, prompts, params, True, monkeypatch)
+    plain, _ = _runs(llm, prompts, params, False, monkeypatch)
+    assert steps >= 19 and fused == plain
+
+
+def test_models_outside_the_fused_path(mistral, llm_fp32) -> None:
+    """Dense weights (no blocks) keep the layer-by-layer path; the default model takes the fused one."""
+    _, folder = mistral
+    dense = LLM(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, log_level="WARNING")
+    assert FusedDecode.build(dense.engine.core.runner.model.model) is None
+    assert FusedDecode.build(llm_fp32.engine.core.runner.model.model) is not None
