@@ -255,3 +255,48 @@ def test_tool_errors_are_400(http, body, param, needle):
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
     if needle is not None:
         assert needle in err["message"], err
+
+
+def test_enforced_tool_choice_with_a_response_format_is_400(http):
+    payload = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "response_format": {"type": "json_object"},
+    }
+    r = http.post("/v1/chat/completions", json=payload)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+
+
+ONE_OF = {
+    "type": "function",
+    "function": {
+        "name": "pick",
+        "parameters": {
+            "type": "object",
+            "properties": {"x": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "status"),
+    [("required", 400), ({"type": "function", "function": {"name": "pick"}}, 400), ("auto", 200)],
+    ids=["required", "named", "auto"],
+)
+def test_schema_that_cannot_be_enforced(http, tool_choice, status):
+    """Enforcing it would silently loosen it: a 400 naming the tool. Under auto nothing is enforced."""
+    payload = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 2,
+        "tools": [ADD, ONE_OF],
+        "tool_choice": tool_choice,
+    }
+    r = http.post("/v1/chat/completions", json=payload)
+    assert r.status_code == status, r.text
+    if status == 400:
+        err = r.json()["error"]
+        assert err["param"] == "tools[1].function.parameters" and "oneOf" in err["message"], err

@@ -63,11 +63,20 @@ class ToolPlan:
     def max_calls(self) -> int | None:
         return None if self.parallel else 1
 
+    def enforced_parameters(self) -> list[tuple[int, dict[str, Any]]]:
+        """``(index in tools, parameters schema)`` of each function the constraint covers, so a schema that
+        cannot be enforced is reported against the tool it came from."""
+        if self.mode not in ("required", "named"):
+            return []
+        return [
+            (i, t["function"].get("parameters") or _EMPTY_PARAMETERS)
+            for i, t in enumerate(self.tools)
+            if self.mode == "required" or t["function"]["name"] == self.function
+        ]
+
     def schema(self) -> dict[str, Any] | None:
         """The JSON schema the reply must follow (``required`` / named), None when it is free."""
-        params = {
-            t["function"]["name"]: t["function"].get("parameters") or _EMPTY_PARAMETERS for t in self.tools
-        }
+        params = {self.tools[i]["function"]["name"]: p for i, p in self.enforced_parameters()}
         if self.mode == "named":
             assert self.function is not None
             return params[self.function]

@@ -37,6 +37,7 @@ from tidellm.entrypoints.openai.serving_base import SSE_DONE, OpenAIServing, Ser
 from tidellm.entrypoints.openai.structured_outputs import structured_outputs_from_request
 from tidellm.entrypoints.openai.tool_parsers import StreamDelta, ToolCallStreamer, ToolParser
 from tidellm.outputs import CompletionOutput
+from tidellm.sample.params import SamplingParams, StructuredOutputsParams
 
 
 def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -149,6 +150,9 @@ class OpenAIServingChat(OpenAIServing):
                 e.param = max_tokens_param
             raise
         plan.constrain(params)
+        for i, schema in plan.enforced_parameters():  # name the tool whose schema cannot be enforced
+            only = SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))
+            await self.check_structured_outputs(only, f"tools[{i}].function.parameters")
         await self.check_structured_outputs(params, structured_param or "tools")
         prompt_ids = self.render_prompt(
             req.messages, req.add_generation_prompt, req.chat_template_kwargs, plan.shown_tools
