@@ -106,10 +106,14 @@ def test_bf16_batches(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     block = quant_method.BlockQuantMethod(fmt, quant_method.DenseScratch())
     for native in (True, False):
         monkeypatch.setattr(quant_method, "cpu_has_native_bf16", lambda native=native: native)
-        for rows in (3, 40):
+        for rows in (3, 6, 40):
             x = torch.randn(rows, 96).bfloat16()
             ref = x.float() @ qt.dequantize().T
             got = block.matmul(x, qt)
+            if rows == 6 and native and cpu_kernels.has_bf16_dot():  # MIN_DOT_ROWS..MAX_DOT_ROWS: vdpbf16ps
+                assert torch.equal(got, cpu_kernels.matmul_bf16_dot(x, qt.q, qt.d, qt.m))
+                torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=0.15)
+                continue
             if rows <= 8:
                 exact = block.matmul(x, qt, fp32_out=True)
                 assert got.dtype == torch.bfloat16 and exact.dtype == torch.float32
@@ -349,3 +353,20 @@ def test_kv_write_matches_index_copy(dtype: torch.dtype) -> None:
     ref[1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
     write_kv_cache(kv, k, v, slots)
     assert torch.equal(kv, ref)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_bf16_dot_kernel(fmt: str) -> None:
+    """vdpbf16ps on AVX-512 BF16 builds: the weights rounded to bf16 as the widen path rounds them, products
+    summed in fp32; close to the bf16 GEMM on those widened weights for every row count."""
+    if not cpu_kernels.has_bf16_dot():
+        pytest.skip("this build has no AVX-512 BF16 kernel")
+    torch.manual_seed(3)
+    qt = QuantizedTensor.quantize(torch.randn(70, 160), fmt)
+    wide = cpu_kernels.dequantize(qt.q, qt.d, qt.m, torch.empty(70, 160, dtype=torch.bfloat16))
+    for rows in (1, 3, 4, 7, 16):
+        x = torch.randn(rows, 160).bfloat16()
+        got = cpu_kernels.matmul_bf16_dot(x, qt.q, qt.d, qt.m)
+        ref = x.float() @ wide.float().T  # fp32 sums of exact bf16 products
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 70)
+        torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-2)

@@ -111,6 +111,11 @@ def library() -> ctypes.CDLL:
     for name in ("tide_kv_write", "tide_kv_write_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
         getattr(lib, name).restype = None
+    lib.tide_q4_1_gemm_bf16dp.argtypes = lib.tide_q4_1_gemm.argtypes
+    lib.tide_q4_1_gemm_bf16dp.restype = _i64
+    lib.tide_q8_0_gemm_bf16dp.argtypes = lib.tide_q8_0_gemm.argtypes
+    lib.tide_q8_0_gemm_bf16dp.restype = _i64
+    lib.tide_has_bf16dp.restype = _i64
     for name in ("tide_decode_layers", "tide_decode_layers_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
         getattr(lib, name).restype = None
@@ -150,6 +155,33 @@ def matmul(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | 
         (lib.tide_q8_0_gemm_bf16 if bf16 else lib.tide_q8_0_gemm)(
             x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr()
         )
+    return out
+
+
+def has_bf16_dot() -> bool:
+    """Whether this build multiplies bf16 activations with vdpbf16ps (AVX-512 BF16 CPUs)."""
+    return bool(library().tide_has_bf16dp())
+
+
+def matmul_bf16_dot(
+    x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] bf16 contiguous times the blocks' [N, K] transposed -> [M, N] bf16, each weight rounded to bf16
+    (as widening to bf16 for the GEMM does) and the products summed in fp32 by vdpbf16ps. Only where
+    ``has_bf16_dot()``."""
+    n_rows, k = x.shape
+    out = torch.empty(n_rows, q.shape[0], dtype=torch.bfloat16)
+    lib = library()
+    if m is not None:
+        done = lib.tide_q4_1_gemm_bf16dp(
+            x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), m.data_ptr(), q.shape[0], out.data_ptr()
+        )
+    else:
+        done = lib.tide_q8_0_gemm_bf16dp(
+            x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr()
+        )
+    if not done:
+        raise KernelUnavailable("this build has no AVX-512 BF16 kernels (check has_bf16_dot() first)")
     return out
 
 
@@ -276,7 +308,7 @@ class Step(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in (
             "rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "inter", "num_blocks", "block_size",
-            "max_blocks",
+            "max_blocks", "dot_min_rows",
         )),
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
         *((name, _ptr) for name in (

@@ -304,6 +304,65 @@ void rms_norm(T* x, const T* residual, const T* w, float eps, int64_t M, int64_t
   }
 }
 
+#if defined(TIDE_AVX512) && defined(__AVX512BF16__)
+#define TIDE_BF16DP 1
+// bf16 activations against block weights on CPUs with AVX-512 BF16 (vdpbf16ps: 32 bf16 products summed into
+// 16 fp32 lanes per instruction, twice the fp32 FMA rate). Each weight row is widened once, rounded to bf16 (to
+// nearest even, as the widen-then-GEMM path rounds it), into a per-thread buffer; every input row then costs one
+// load and one vdpbf16ps per block. This replaces widening the whole matrix for the BLAS GEMM at batches of a
+// few dozen rows: one pass over the blocks, no dense copy.
+template <class F, class T>
+void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
+                 int64_t N, T* out) {
+  const int64_t nb = K / kBlock;
+  const int64_t row_bytes = nb * F::kBytes;
+#pragma omp parallel
+  {
+    std::vector<uint16_t> wbuf(nb * kBlock);  // the row's weights in bf16 (unaligned loads: no 64-byte guarantee)
+    auto wrow = [&wbuf](int64_t b) { return (__m512bh)_mm512_loadu_si512(wbuf.data() + b * kBlock); };
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* qn = q + n * row_bytes;
+      const float* dn = d + n * nb;
+      const float* mn = m != nullptr ? m + n * nb : nullptr;
+      for (int64_t b = 0; b < nb; ++b) {
+        vf w[kV];
+        widen_block<F>(qn, dn, mn, b, w);
+        _mm512_storeu_si512(wbuf.data() + b * kBlock, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));  // element j = weight j
+      }
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) {
+        const uint16_t* x0 = x + r * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t b = 0; b < nb; ++b) {
+          const __m512bh w = wrow(b);
+          const int64_t o = b * kBlock;
+          a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(x0 + o));
+          a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(x0 + K + o));
+          a2 = _mm512_dpbf16_ps(a2, w, (__m512bh)_mm512_loadu_si512(x0 + 2 * K + o));
+          a3 = _mm512_dpbf16_ps(a3, w, (__m512bh)_mm512_loadu_si512(x0 + 3 * K + o));
+        }
+        store1(out + r * N + n, _mm512_reduce_add_ps(a0));
+        store1(out + (r + 1) * N + n, _mm512_reduce_add_ps(a1));
+        store1(out + (r + 2) * N + n, _mm512_reduce_add_ps(a2));
+        store1(out + (r + 3) * N + n, _mm512_reduce_add_ps(a3));
+      }
+      for (; r < M; ++r) {
+        const uint16_t* xr = x + r * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+          a0 = _mm512_dpbf16_ps(a0, wrow(b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
+          a1 = _mm512_dpbf16_ps(a1, wrow(b + 1), (__m512bh)_mm512_loadu_si512(xr + (b + 1) * kBlock));
+        }
+        if (b < nb) a0 = _mm512_dpbf16_ps(a0, wrow(b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
+        store1(out + r * N + n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+      }
+    }
+  }
+}
+#endif
+
 // The per-layer glue of a decode step, one call each instead of several tensor ops (whose fixed cost, a few
 // microseconds each, is a third of a one-token step of a small model). Each repeats the roundings of the torch
 // ops it replaces, so bf16 results match them (up to an fp32 ulp before rounding where FMA contracts).
@@ -562,6 +621,7 @@ struct TideLayer {
 
 struct TideStep {
   int64_t rows, hidden, heads, kv_heads, head_dim, rotary_dim, inter, num_blocks, block_size, max_blocks;
+  int64_t dot_min_rows;  // bf16: from this many rows on, vdpbf16ps (0: never), as BlockQuantMethod.matmul picks
   float eps, scale;
   const void* cos_sin;  // [rows, rotary_dim] T, each row's cos | sin
   const int64_t* slots;  // [rows] cache slot of each row's new key
@@ -576,7 +636,19 @@ struct TideStep {
 };
 
 template <class T>
-void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out) {
+void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out, int64_t dot_min_rows) {
+#ifdef TIDE_BF16DP
+  if constexpr (sizeof(T) == 2) {
+    if (dot_min_rows > 0 && M >= dot_min_rows) {
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
+      if (w.m != nullptr)
+        gemm_bf16dp<Q41>(xb, M, w.cols, w.q, w.d, w.m, w.rows, out);
+      else
+        gemm_bf16dp<Q80>(xb, M, w.cols, w.q, w.d, nullptr, w.rows, out);
+      return;
+    }
+  }
+#endif
   const float* xf = reinterpret_cast<const float*>(x);
   std::vector<float> wide;
   if constexpr (sizeof(T) == 2) {
@@ -606,16 +678,16 @@ void decode_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, 
     T* kv = static_cast<T*>(L.kv);
     // a += b (the residual stream), normed = norm(a); a becomes the residual.
     rms_norm(a, (l == 0 && !has_residual) ? nullptr : b, static_cast<const T*>(L.norm1), s.eps, M, H, normed);
-    block_linear(L.qkv, normed, M, qkv);
+    block_linear(L.qkv, normed, M, qkv, s.dot_min_rows);
     rope(qkv, M, nqkv, s.heads + s.kv_heads, D, s.rotary_dim, static_cast<const T*>(s.cos_sin), s.rotary_dim);
     kv_write(qkv + nq, nqkv, qkv + nq + nkv, nqkv, M, nkv, kv, s.num_blocks * s.block_size, s.slots);
     paged_decode_any(qkv, nqkv, s.row_ids, kv, s.num_blocks, s.block_size, s.block_table, s.max_blocks, s.seq_lens,
                      L.window, M, s.heads, s.kv_heads, D, s.scale, attn);
-    block_linear(L.o, attn, M, b);  // b = o_proj(attn); then b += a, normed = norm(b): b is the residual
+    block_linear(L.o, attn, M, b, s.dot_min_rows);  // b = o_proj(attn); then b += a, normed = norm(b): b is the residual
     rms_norm(b, a, static_cast<const T*>(L.norm2), s.eps, M, H, normed);
-    block_linear(L.gate_up, normed, M, gu);
+    block_linear(L.gate_up, normed, M, gu, s.dot_min_rows);
     silu_mul(gu, M, s.inter, act);
-    block_linear(L.down, act, M, a);
+    block_linear(L.down, act, M, a, s.dot_min_rows);
   }
 }
 
@@ -648,6 +720,35 @@ void tide_q8_0_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* 
   std::vector<float> xf(M * K);
   for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
   gemm<Q80>(xf.data(), M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+}
+
+// bf16 x [M, K] against blocks with vdpbf16ps (AVX-512 BF16 builds; returns 0 and does nothing elsewhere).
+int64_t tide_q4_1_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d,
+                              const float* m, int64_t N, uint16_t* out) {
+#ifdef TIDE_BF16DP
+  gemm_bf16dp<Q41>(x, M, K, q, d, m, N, out);
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int64_t tide_q8_0_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
+                              uint16_t* out) {
+#ifdef TIDE_BF16DP
+  gemm_bf16dp<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int64_t tide_has_bf16dp() {
+#ifdef TIDE_BF16DP
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 void tide_silu_mul(const float* x, int64_t M, int64_t I, float* out) { silu_mul(x, M, I, out); }

@@ -56,10 +56,15 @@ class FusedDecode:
         self.scale = attn.attn.scale
         self.rotary_dim = model.rotary_emb.rotary_dim
         self.dtype = first.input_layernorm.weight.dtype
-        # Batches above the block kernel's row limit go through the BLAS GEMM, which this path does not call.
+        # Batches above the block kernels' row limit go through the BLAS GEMM, which this path does not call.
+        # bf16 on AVX-512 BF16 CPUs: the same vdpbf16ps rows as BlockQuantMethod.matmul (identical numbers).
         native = self.dtype == torch.bfloat16 and cpu_has_native_bf16()
         limits = quant_method.MAX_KERNEL_ROWS_BF16 if native else quant_method.MAX_KERNEL_ROWS
         self.max_rows = min(limits[f] for f in fmts)
+        self.dot_min_rows = 0
+        if native and cpu_kernels.has_bf16_dot():
+            self.dot_min_rows = quant_method.MIN_DOT_ROWS
+            self.max_rows = max(self.max_rows, quant_method.MAX_DOT_ROWS)
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedDecode | None:
@@ -152,7 +157,7 @@ class FusedDecode:
         table, seq_lens = d.block_table, d.seq_lens
         step = cpu_kernels.Step(
             rows, self.hidden, self.heads, self.kv_heads, self.head_dim, self.rotary_dim, self.inter, num_blocks,
-            block_size, table.shape[1], self.eps, self.scale, cos.data_ptr(), meta.slot_mapping.data_ptr(),
+            block_size, table.shape[1], self.dot_min_rows, self.eps, self.scale, cos.data_ptr(), meta.slot_mapping.data_ptr(),
             table.data_ptr(), seq_lens.data_ptr(), d.rows.data_ptr(), *(t.data_ptr() for t in scratch),
         )  # fmt: skip
         cpu_kernels.decode_layers(
