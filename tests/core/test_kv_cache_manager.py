@@ -83,7 +83,9 @@ def test_eviction_lru_and_out_of_blocks():
     hits, n_hit = kv.get_computed_blocks(make_req("a2", list(range(8))))
     assert [h.block_id for h in hits[0]] == [0] and n_hit == 4
     c.num_computed_tokens = 12
-    assert [b.block_id for b in kv.allocate_slots(c, 4)[0]] == [0]  # one more block: takes block 0, evicting it
+    assert [b.block_id for b in kv.allocate_slots(c, 4)[0]] == [
+        0
+    ]  # one more block: takes block 0, evicting it
     assert kv.pool.num_evictions == 2
     assert kv.get_computed_blocks(make_req("a3", list(range(8)))) == ([[]], 0)
 
