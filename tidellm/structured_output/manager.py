@@ -37,6 +37,21 @@ logger = logging.getLogger(__name__)
 MAX_CACHED_GRAMMARS = 256
 
 
+# Niceness of the compile threads (and of xgrammar's workers, which inherit it): see _yield_to_the_step_loop.
+COMPILE_NICENESS = 10
+
+
+def _yield_to_the_step_loop() -> None:
+    """Run compiles at a lower CPU priority. On a machine with few cores a compile competes with the forward
+    pass for them: measured on 2 cores, a 0.15 s schema compile at equal priority stretched 8 running
+    requests' steps from 21 to 42-63 ms for half a second. Niced, it takes what the step loop leaves idle."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
+        except OSError:
+            logger.debug("could not lower the compile threads' priority", exc_info=True)
+
+
 @dataclass
 class _Entry:
     spec: GrammarSpec
@@ -56,7 +71,9 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.backend_name = backend
         workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
-        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="grammar-compile")
+        self._pool = cf.ThreadPoolExecutor(
+            workers, thread_name_prefix="grammar-compile", initializer=_yield_to_the_step_loop
+        )
         self._backend: StructuredOutputBackend | None = None
         self._backend_lock = threading.Lock()
         self._grammars: OrderedDict[GrammarSpec, cf.Future] = OrderedDict()
