@@ -105,8 +105,13 @@ class StructuredOutputManager:
             return True
         if not entry.future.done():
             return False
-        compiled = entry.future.result()  # re-raises the compile error
-        entry.matcher = self._get_backend().matcher(compiled)
+        try:
+            compiled = entry.future.result()  # re-raises the compile error
+            entry.matcher = self._get_backend().matcher(compiled)
+        except StructuredOutputError:
+            raise
+        except Exception as e:  # cancelled at shutdown, or a backend bug: still only this request's error
+            raise StructuredOutputError(f"Could not prepare the {entry.spec.kind} constraint: {e}") from e
         return True
 
     def has_pending(self) -> bool:
