@@ -104,12 +104,9 @@ class EngineCoreProc:
     def start_engine(self, config: Any) -> bool:
         """Build the engine core and send READY, or ERROR if it cannot start (bad model, no memory...)."""
         from tidellm.engine.core import EngineCore
-        from tidellm.worker.model_runner import ModelRunner
 
         try:
             self.core = EngineCore(config)
-            if isinstance(self.core.runner, ModelRunner):
-                self.core.runner.leave_a_core_on_small_steps()  # the API server and its clients share the CPU
         except Exception as e:
             # User-fixable errors (ValueError family) carry their own message; anything else gets a traceback.
             if not isinstance(e, (ValueError, OSError)):

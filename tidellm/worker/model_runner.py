@@ -44,10 +44,6 @@ class LoadReport:
     kv_plan: KVCachePlan
 
 
-# Steps with at most this many tokens (decode of up to 16 streams) are "small" for leave_a_core_on_small_steps.
-SMALL_STEP_TOKENS = 16
-
-
 class ModelRunner:
     def __init__(
         self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype
@@ -70,18 +66,6 @@ class ModelRunner:
         self.kv_caches = self.kv_plan.allocate()
         self._layer_group = self.kv_groups.layer_group()
         self.load_report = LoadReport(time.perf_counter() - t0, weight_bytes, self.kv_plan)
-        self._threads = torch.get_num_threads()
-        self._small_step_threads = self._threads
-
-    def leave_a_core_on_small_steps(self) -> None:
-        """Run steps of at most SMALL_STEP_TOKENS tokens on one thread fewer (CPU, 2+ threads).
-
-        For the engine behind the HTTP server: on a machine with few cores the API process and its clients
-        need CPU for every token, and an OpenMP region that loses one of its threads to them waits for it.
-        Measured on 2 cores, SmolLM2-135M, one stream: TPOT 15.0 ms on 2 threads, 10.9 ms on 1; at 16 streams
-        about equal; prefill and large batches still want every core (64 streams: 518 vs ~640 tok/s)."""
-        if self.device.type == "cpu" and self._threads > 1:
-            self._small_step_threads = self._threads - 1
 
     # ------------------------------------------------------------------ state
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -112,11 +96,6 @@ class ModelRunner:
         req_ids = list(sched.num_scheduled_tokens)
         states = [self.states[r] for r in req_ids]
         counts = [sched.num_scheduled_tokens[r] for r in req_ids]
-        if self._small_step_threads != self._threads:
-            small = sum(counts) <= SMALL_STEP_TOKENS
-            want = self._small_step_threads if small else self._threads
-            if torch.get_num_threads() != want:
-                torch.set_num_threads(want)
         step = build_step_inputs(states, counts, self.block_size)
 
         workspace: dict = {}  # gather buffers, shared by every group's layers
