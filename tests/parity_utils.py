@@ -97,3 +97,23 @@ def cached_folders(tmp_path_factory, build, write_tokenizer):
         return built[case]
 
     return get
+
+
+def check_gguf_file_parity(hf, path, vocab: int, lengths: Sequence[int], max_new: int, cache_dir) -> None:
+    """A tiny GGUF file through ``tidellm.LLM`` (fp32, 4-token blocks, 8-token steps: longer prompts are
+    prefilled in chunks) against transformers: each prompt alone, then all batched, where the second prompt's
+    first two blocks, shared with the third, are prefix-cache hits. The saturated tiny models soon pick eos, so
+    it is ignored and every step compared (stepwise, a KV-cached reference)."""
+    from tidellm import LLM, SamplingParams
+
+    llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, block_size=4,
+              max_num_batched_tokens=8, cache_dir=str(cache_dir), log_level="WARNING")  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    prompts[2][:8] = prompts[1][:8]  # two shared 4-token blocks
+    reference = hf_greedy(hf, prompts, max_new, [], stepwise=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=0, ignore_eos=True)
+    check_outputs([llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts], reference)
+    hits = llm.engine.core.scheduler.kv.stats.hits
+    check_outputs(llm.generate(prompts, greedy, use_tqdm=False), reference)
+    assert llm.engine.core.scheduler.kv.stats.hits > hits

@@ -9,7 +9,7 @@ import gguf
 import pytest
 import torch
 import transformers
-from parity_utils import check_outputs, hf_greedy
+from parity_utils import check_gguf_file_parity, check_outputs, hf_greedy
 
 from tidellm import LLM, SamplingParams
 from tidellm.model_executor.loader.gguf_arch import arch_from_gguf
@@ -64,25 +64,7 @@ def test_gguf_moe_through_llm_matches_transformers(tmp_path, hf_gguf_writer, voc
     assert arch.moe.renormalize == (family != "qwen2_moe")
     assert arch.moe.mlp_only_layers == ((1,) if family == "qwen2_moe" else ())
     assert arch.moe.shared_expert_intermediate_size == (40 if family == "qwen2_moe" else 0)
-    llm = LLM(
-        str(path),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,
-        cache_dir=str(tmp_path / "cache"),
-        log_level="WARNING",
-    )
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 19, 11)]
-    prompts[2][:8] = prompts[1][:8]  # two shared 4-token blocks
-    reference = hf_greedy(hf, prompts, MAX_NEW, [], stepwise=True)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
-    check_outputs([llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts], reference)
-    hits = llm.engine.core.scheduler.kv.stats.hits
-    check_outputs(llm.generate(prompts, greedy, use_tqdm=False), reference)
-    assert llm.engine.core.scheduler.kv.stats.hits > hits
+    check_gguf_file_parity(hf, path, vocab, (5, 19, 11), MAX_NEW, tmp_path / "cache")
 
 
 def test_gguf_moe_q8_0_matches_the_dequantized_weights(tmp_path, hf_gguf_writer, vocab):

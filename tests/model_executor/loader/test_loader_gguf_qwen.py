@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from parity_utils import check_outputs, hf_greedy
-
-from tidellm import LLM, SamplingParams
+from parity_utils import check_gguf_file_parity
 
 MAX_NEW = 12
 
@@ -33,23 +31,4 @@ def test_gguf_qwen_through_llm_matches_transformers(tmp_path, tiny_model, hf_ggu
     vocab = tiny_model("llama").config.vocab_size  # the byte vocabulary the GGUF tokenizer carries
     hf = tiny_model("qwen2") if family == "qwen2" else _tiny_qwen3(vocab)
     path = hf_gguf_writer(hf, tmp_path / f"{family}.gguf", family)
-    llm = LLM(
-        str(path),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,
-        cache_dir=str(tmp_path / "cache"),
-        log_level="WARNING",
-    )
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 19, 11)]
-    prompts[2][:8] = prompts[1][:8]  # two shared 4-token blocks
-    # These saturated tiny models soon pick eos: ignore it, so every step is compared.
-    reference = hf_greedy(hf, prompts, MAX_NEW, [], stepwise=True)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=0, ignore_eos=True)
-    check_outputs([llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts], reference)
-    hits = llm.engine.core.scheduler.kv.stats.hits
-    check_outputs(llm.generate(prompts, greedy, use_tqdm=False), reference)
-    assert llm.engine.core.scheduler.kv.stats.hits > hits
+    check_gguf_file_parity(hf, path, vocab, (5, 19, 11), MAX_NEW, tmp_path / "cache")
