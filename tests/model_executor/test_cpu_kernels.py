@@ -364,7 +364,7 @@ def test_bf16_dot_kernel(fmt: str) -> None:
     torch.manual_seed(3)
     qt = QuantizedTensor.quantize(torch.randn(70, 160), fmt)
     wide = cpu_kernels.dequantize(qt.q, qt.d, qt.m, torch.empty(70, 160, dtype=torch.bfloat16))
-    for rows in (1, 3, 4, 7, 16):
+    for rows in (1, 3, 4, 7, 16, 33):  # 70 weight rows: a last group of 2 behind tiles of 4
         x = torch.randn(rows, 160).bfloat16()
         got = cpu_kernels.matmul_bf16_dot(x, qt.q, qt.d, qt.m)
         ref = x.float() @ wide.float().T  # fp32 sums of exact bf16 products

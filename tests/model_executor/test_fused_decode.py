@@ -33,17 +33,22 @@ def _runs(llm: LLM, prompts, params: SamplingParams, fused: bool, monkeypatch: p
     ], len(calls)
 
 
+@pytest.mark.parametrize("streams", [4, 24])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_smollm2_fused_equals_layer_by_layer(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_fused_equals_layer_by_layer(
+    dtype: str, streams: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 and 24 streams: in bf16 on AVX-512 BF16 CPUs both batch sizes take the vdpbf16ps tiles (full tiles of 4
+    rows, and 24 = 6 of them), in fp32 the fp32 block kernel."""
     # No prefix caching: the second run's prefill must compute what the first one did.
-    llm = LLM("smollm2-135m", dtype=dtype, kv_cache_memory_gb=0.1, max_model_len=512, max_num_batched_tokens=16,
+    llm = LLM("smollm2-135m", dtype=dtype, kv_cache_memory_gb=0.1, max_model_len=512, max_num_batched_tokens=64,
               enable_prefix_caching=False, log_level="WARNING")  # fmt: skip
     prompts = [
         "The tides rise and fall because",
         "def fibonacci(n):",
         "Paris is the capital of " * 4,
         "1, 2, 3,",
-    ]
+    ] * (streams // 4)
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=0, ignore_eos=True)
     fused, fused_steps = _runs(llm, prompts, params, True, monkeypatch)
     plain, plain_steps = _runs(llm, prompts, params, False, monkeypatch)

@@ -307,56 +307,70 @@ void rms_norm(T* x, const T* residual, const T* w, float eps, int64_t M, int64_t
 #if defined(TIDE_AVX512) && defined(__AVX512BF16__)
 #define TIDE_BF16DP 1
 // bf16 activations against block weights on CPUs with AVX-512 BF16 (vdpbf16ps: 32 bf16 products summed into
-// 16 fp32 lanes per instruction, twice the fp32 FMA rate). Each weight row is widened once, rounded to bf16 (to
-// nearest even, as the widen-then-GEMM path rounds it), into a per-thread buffer; every input row then costs one
-// load and one vdpbf16ps per block. This replaces widening the whole matrix for the BLAS GEMM at batches of a
-// few dozen rows: one pass over the blocks, no dense copy.
+// 16 fp32 lanes per instruction, twice the fp32 FMA rate). Each group of weight rows is widened once, rounded to
+// bf16 (to nearest even, as the widen-then-GEMM path rounds it), into a per-thread buffer, then multiplied with
+// tiles of 4 input rows held in 16 accumulators. This replaces widening the whole matrix for the BLAS GEMM at
+// batches up to 64 rows: one pass over the blocks, no dense copy.
 template <class F, class T>
 void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
                  int64_t N, T* out) {
+  // Register tile: kDotN weight rows x 4 input rows, 16 accumulators; each block of a weight row is loaded once
+  // per 4 input rows and each input block once per kDotN weight rows.
+  constexpr int kDotN = 4;
   const int64_t nb = K / kBlock;
   const int64_t row_bytes = nb * F::kBytes;
+  const int64_t groups = (N + kDotN - 1) / kDotN;
 #pragma omp parallel
   {
-    std::vector<uint16_t> wbuf(nb * kBlock);  // the row's weights in bf16 (unaligned loads: no 64-byte guarantee)
-    auto wrow = [&wbuf](int64_t b) { return (__m512bh)_mm512_loadu_si512(wbuf.data() + b * kBlock); };
+    // The group's weight rows in bf16 (unaligned loads: a vector gives no 64-byte guarantee).
+    std::vector<uint16_t> wbuf(kDotN * nb * kBlock);
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      const uint8_t* qn = q + n * row_bytes;
-      const float* dn = d + n * nb;
-      const float* mn = m != nullptr ? m + n * nb : nullptr;
-      for (int64_t b = 0; b < nb; ++b) {
-        vf w[kV];
-        widen_block<F>(qn, dn, mn, b, w);
-        _mm512_storeu_si512(wbuf.data() + b * kBlock, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));  // element j = weight j
-      }
-      int64_t r = 0;
-      for (; r + 4 <= M; r += 4) {
-        const uint16_t* x0 = x + r * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t n0 = g * kDotN;
+      const int nw = static_cast<int>(N - n0 < kDotN ? N - n0 : kDotN);
+      for (int j = 0; j < nw; ++j) {
+        const int64_t n = n0 + j;
+        const float* mn = m != nullptr ? m + n * nb : nullptr;
         for (int64_t b = 0; b < nb; ++b) {
-          const __m512bh w = wrow(b);
-          const int64_t o = b * kBlock;
-          a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(x0 + o));
-          a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(x0 + K + o));
-          a2 = _mm512_dpbf16_ps(a2, w, (__m512bh)_mm512_loadu_si512(x0 + 2 * K + o));
-          a3 = _mm512_dpbf16_ps(a3, w, (__m512bh)_mm512_loadu_si512(x0 + 3 * K + o));
+          vf w[kV];
+          widen_block<F>(q + n * row_bytes, d + n * nb, mn, b, w);
+          _mm512_storeu_si512(wbuf.data() + (j * nb + b) * kBlock, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
         }
-        store1(out + r * N + n, _mm512_reduce_add_ps(a0));
-        store1(out + (r + 1) * N + n, _mm512_reduce_add_ps(a1));
-        store1(out + (r + 2) * N + n, _mm512_reduce_add_ps(a2));
-        store1(out + (r + 3) * N + n, _mm512_reduce_add_ps(a3));
       }
-      for (; r < M; ++r) {
-        const uint16_t* xr = x + r * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) {
-          a0 = _mm512_dpbf16_ps(a0, wrow(b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
-          a1 = _mm512_dpbf16_ps(a1, wrow(b + 1), (__m512bh)_mm512_loadu_si512(xr + (b + 1) * kBlock));
+      auto W = [&wbuf, nb](int j, int64_t b) {
+        return (__m512bh)_mm512_loadu_si512(wbuf.data() + (j * nb + b) * kBlock);
+      };
+      int64_t r = 0;
+      if (nw == kDotN) {
+        for (; r + 4 <= M; r += 4) {
+          __m512 acc[4][kDotN];
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < kDotN; ++j) acc[i][j] = _mm512_setzero_ps();
+          const uint16_t* x0 = x + r * K;
+          for (int64_t b = 0; b < nb; ++b) {
+            __m512bh w[kDotN];
+            for (int j = 0; j < kDotN; ++j) w[j] = W(j, b);
+            for (int i = 0; i < 4; ++i) {
+              const __m512bh xi = (__m512bh)_mm512_loadu_si512(x0 + i * K + b * kBlock);
+              for (int j = 0; j < kDotN; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xi);
+            }
+          }
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < kDotN; ++j) store1(out + (r + i) * N + n0 + j, _mm512_reduce_add_ps(acc[i][j]));
         }
-        if (b < nb) a0 = _mm512_dpbf16_ps(a0, wrow(b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
-        store1(out + r * N + n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+      }
+      for (; r < M; ++r) {  // leftover rows (and a last group of fewer weight rows): one input row at a time
+        const uint16_t* xr = x + r * K;
+        for (int j = 0; j < nw; ++j) {
+          __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+          int64_t b = 0;
+          for (; b + 2 <= nb; b += 2) {
+            a0 = _mm512_dpbf16_ps(a0, W(j, b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
+            a1 = _mm512_dpbf16_ps(a1, W(j, b + 1), (__m512bh)_mm512_loadu_si512(xr + (b + 1) * kBlock));
+          }
+          if (b < nb) a0 = _mm512_dpbf16_ps(a0, W(j, b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
+          store1(out + r * N + n0 + j, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+        }
       }
     }
   }

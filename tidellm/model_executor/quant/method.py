@@ -34,11 +34,12 @@ logger = logging.getLogger(__name__)
 MAX_KERNEL_ROWS = {"q4_1": 48, "q8_0": 128}
 MAX_KERNEL_ROWS_BF16 = {"q4_1": 12, "q8_0": 12}
 # bf16 activations where the kernels have AVX-512 BF16: from MIN_DOT_ROWS to MAX_DOT_ROWS rows the weights are
-# rounded to bf16 block by block and multiplied with vdpbf16ps (no widened copy). One core, a SmolLM2 layer's
-# four linears in Q4_1: 8 rows 0.46 ms (fp32 kernel 0.63, widen + GEMM 0.64), 16 rows 0.80 (1.13, 0.86), 24 rows
-# 1.19 (1.90, 1.09); 1-2 rows stay on the fp32 kernel (0.14 vs 0.19 ms at one row), which keeps weights exact.
+# rounded to bf16 block by block and multiplied with vdpbf16ps (no widened copy). Two cores, a SmolLM2 layer's
+# four linears in Q4_1 (vdpbf16ps / fp32 kernel / widen + bf16 GEMM): 4 rows 0.15 / 0.19 / 0.38 ms, 16 rows
+# 0.37 / 0.82 / 0.56, 32 rows 0.68 / 1.61 / 0.83, 64 rows 1.27 / 3.18 / 1.37; 1-3 rows stay on the fp32 kernel
+# (faster at one row, and it keeps the weights exact).
 MIN_DOT_ROWS = 4
-MAX_DOT_ROWS = 16
+MAX_DOT_ROWS = 64
 # Largest widened slice (fp32 elements): 8 MiB, so it is still in the last-level cache when the GEMM reads it.
 SCRATCH_FLOATS = 2 * 2**20
 
