@@ -43,7 +43,6 @@ class FusedDecode:
     """The eligible model's layers as kernel structs; ``run`` takes a step when the step allows it."""
 
     def __init__(self, model: nn.Module, layers: list[tuple[cpu_kernels.Layer, int]], fmts: set[str]) -> None:
-        self.model = model
         self._layers = layers  # (struct without its KV cache pointer, layer index)
         self._array: ctypes.Array | None = None
         self._kv_ptrs: tuple[int, ...] = ()
