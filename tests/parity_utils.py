@@ -99,15 +99,33 @@ def cached_folders(tmp_path_factory, build, write_tokenizer):
     return get
 
 
+# The engine settings of the tiny-model tests: 4-token blocks so short prompts share full blocks, and 8-token
+# steps so every longer prompt is prefilled in chunks.
+TINY_ENGINE = dict(
+    dtype="float32",
+    max_model_len=64,
+    kv_cache_memory_gb=0.01,
+    block_size=4,
+    max_num_batched_tokens=8,
+    log_level="WARNING",
+)
+
+
+def tiny_llm(source, **overrides):
+    """``tidellm.LLM`` on a tiny test model (a folder or GGUF path) with TINY_ENGINE's settings."""
+    from tidellm import LLM
+
+    return LLM(str(source), **{**TINY_ENGINE, **overrides})
+
+
 def check_gguf_file_parity(hf, path, vocab: int, lengths: Sequence[int], max_new: int, cache_dir) -> None:
     """A tiny GGUF file through ``tidellm.LLM`` (fp32, 4-token blocks, 8-token steps: longer prompts are
     prefilled in chunks) against transformers: each prompt alone, then all batched, where the second prompt's
     first two blocks, shared with the third, are prefix-cache hits. The saturated tiny models soon pick eos, so
     it is ignored and every step compared (stepwise, a KV-cached reference)."""
-    from tidellm import LLM, SamplingParams
+    from tidellm import SamplingParams
 
-    llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, block_size=4,
-              max_num_batched_tokens=8, cache_dir=str(cache_dir), log_level="WARNING")  # fmt: skip
+    llm = tiny_llm(path, cache_dir=str(cache_dir))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
     prompts[2][:8] = prompts[1][:8]  # two shared 4-token blocks

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy
+from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy, tiny_llm
 from test_llama import DEVICES, _run_engine, randomize_
 
 from tidellm import LLM, SamplingParams
@@ -185,15 +185,7 @@ def test_llm_parity_fp32(case: str, family_folder) -> None:
     prompts = _prompts(CROSSING.get(case))
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS], stepwise=case in CROSSING)
     # A step budget of 8 tokens chunks every prompt longer than that; 4-token blocks make short prefixes hit.
-    llm = LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,
-        log_level="WARNING",
-    )
+    llm = tiny_llm(folder)
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits
     batched = llm.generate(prompts, GREEDY, use_tqdm=False)

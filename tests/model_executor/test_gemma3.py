@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy
+from parity_utils import arch_of, cached_folders, check_outputs, hf_greedy, tiny_llm
 from test_families import _write_tokenizer
 from test_llama import DEVICES, _run_engine, randomize_
 
@@ -155,15 +155,7 @@ def test_llm_parity_fp32(case: str, gemma_folder) -> None:
     hf, folder = gemma_folder(case)
     prompts = _prompts()
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
-    llm = LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,  # chunks every prompt longer than 8 tokens
-        log_level="WARNING",
-    )
+    llm = tiny_llm(folder)  # 8-token steps: every prompt longer than that is prefilled in chunks
     assert llm.engine.core.scheduler.kv.windows == (None, WINDOW, WINDOW, WINDOW)
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits
@@ -178,16 +170,7 @@ BLOCK_BYTES = 2 * 4 * 2 * 16 * 4
 
 
 def _small_pool_llm(folder, num_blocks: int, **kw) -> LLM:
-    return LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=num_blocks * BLOCK_BYTES / 2**30,
-        block_size=4,
-        max_num_batched_tokens=8,
-        log_level="WARNING",
-        **kw,
-    )
+    return tiny_llm(folder, kv_cache_memory_gb=num_blocks * BLOCK_BYTES / 2**30, **kw)
 
 
 def test_local_layers_hand_back_blocks_behind_their_window(gemma_folder) -> None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from parity_utils import check_outputs, hf_greedy
+from parity_utils import check_outputs, hf_greedy, tiny_llm
 from safetensors.torch import load_file
 from test_families import EOS, VOCAB, _write_tokenizer
 from test_llama import _run_engine, randomize_
@@ -218,15 +218,7 @@ def test_llm_parity_fp32(saved, family: str) -> None:
     hf, folder = saved[family]
     prompts = _prompts()
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
-    llm = LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,
-        log_level="WARNING",
-    )
+    llm = tiny_llm(folder)
     assert type(llm.engine.core.runner.model).__name__ == ARCHITECTURES[family]
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits

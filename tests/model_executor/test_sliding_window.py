@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from parity_utils import arch_of, check_outputs, hf_greedy
+from parity_utils import arch_of, check_outputs, hf_greedy, tiny_llm
 from test_families import _write_tokenizer
 from test_llama import BLOCK_SIZE, DEVICES, EngineSim, SimRequest, _build, _run_engine, randomize_
 
@@ -165,15 +165,7 @@ def test_llm_parity_fp32(mistral) -> None:
     hf, folder = mistral
     prompts = _prompts()
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
-    llm = LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=0.01,
-        block_size=4,
-        max_num_batched_tokens=8,  # chunks every prompt longer than 8 tokens
-        log_level="WARNING",
-    )
+    llm = tiny_llm(folder)  # 8-token steps: every prompt longer than that is prefilled in chunks
     assert llm.engine.core.scheduler.kv.windows == (WINDOW,)
     check_outputs([llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts], reference)
     hits_before = llm.engine.core.scheduler.kv.stats.hits
@@ -216,15 +208,7 @@ def test_llm_preemption_and_prefix_hits_with_released_blocks(mistral) -> None:
     ]
     prompts[6][:16] = prompts[2][:16]
     per_block = 2 * 4 * MISTRAL["num_key_value_heads"] * 16 * 4 * MISTRAL["num_hidden_layers"]  # bytes
-    llm = LLM(
-        str(folder),
-        dtype="float32",
-        max_model_len=64,
-        kv_cache_memory_gb=16 * per_block / 2**30,
-        block_size=4,
-        max_num_batched_tokens=8,
-        log_level="WARNING",
-    )
+    llm = tiny_llm(folder, kv_cache_memory_gb=16 * per_block / 2**30)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     scheduler = llm.engine.core.scheduler
     assert scheduler.num_preemptions > 0 and scheduler.kv.stats.hits > 0
@@ -261,7 +245,6 @@ def test_phi3_and_mixtral_slide_every_layer(other) -> None:
     _run_engine(hf, torch.float32, "cpu", atol=1e-4, arch=arch)
     prompts = _prompts()
     reference = hf_greedy(hf, prompts, MAX_NEW, [EOS])
-    llm = LLM(str(folder), dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01, block_size=4,
-              max_num_batched_tokens=8, log_level="WARNING")  # fmt: skip
+    llm = tiny_llm(folder)
     assert llm.engine.core.scheduler.kv.windows == (WINDOW,)
     check_outputs(llm.generate(prompts, GREEDY, use_tqdm=False), reference)

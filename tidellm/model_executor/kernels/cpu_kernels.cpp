@@ -724,37 +724,29 @@ void tide_q8_0_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const
 // The same with x and out bf16 (x is widened to fp32 once; out is rounded to nearest even).
 void tide_q4_1_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
                          int64_t N, uint16_t* out) {
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
-  gemm<Q41>(xf.data(), M, K, q, d, m, N, out);
+  block_linear(TideBlocks{q, d, m, N, K}, x, M, out, 0);
 }
 
 void tide_q8_0_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
                          uint16_t* out) {
-  std::vector<float> xf(M * K);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = bf16_to_float(x[i]);
-  gemm<Q80>(xf.data(), M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K}, x, M, out, 0);
 }
+
+int64_t tide_has_bf16dp();
 
 // bf16 x [M, K] against blocks with vdpbf16ps (AVX-512 BF16 builds; returns 0 and does nothing elsewhere).
 int64_t tide_q4_1_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d,
                               const float* m, int64_t N, uint16_t* out) {
-#ifdef TIDE_BF16DP
-  gemm_bf16dp<Q41>(x, M, K, q, d, m, N, out);
+  if (!tide_has_bf16dp()) return 0;
+  block_linear(TideBlocks{q, d, m, N, K}, x, M, out, 1);
   return 1;
-#else
-  return 0;
-#endif
 }
 
 int64_t tide_q8_0_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
                               uint16_t* out) {
-#ifdef TIDE_BF16DP
-  gemm_bf16dp<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+  if (!tide_has_bf16dp()) return 0;
+  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K}, x, M, out, 1);
   return 1;
-#else
-  return 0;
-#endif
 }
 
 int64_t tide_has_bf16dp() {
