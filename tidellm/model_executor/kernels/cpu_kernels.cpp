@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -58,6 +59,28 @@ inline float vsum(vf v) {
 #endif
 #ifdef TIDE_AVX2
 constexpr int kV = kBlock / kLanes;
+#endif
+
+#if defined(TIDE_AVX512)
+// The sums of 16 vectors as one: lane i = sum of v[i]'s 16 lanes. A transposing tree (45 shuffles and adds)
+// instead of 16 horizontal reductions (128): pairs of vectors are folded at 32-bit, then 64-bit granularity,
+// leaving each 128-bit lane with partial sums of four vectors, and the lanes are then folded across.
+inline __m512 hsum16(const __m512 v[16]) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // 128-bit lane k of b[i] holds vectors 4i..4i+3's sums over their lane k; fold the lanes.
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
 #endif
 
 struct Q41 {
@@ -249,6 +272,21 @@ inline void store(uint16_t* o, vf v) {
 }
 #endif
 
+#ifdef TIDE_AVX2
+inline vf vbcast(float x) { return vset1(&x); }
+// kLanes consecutive elements as fp32 (bf16 widens by a shift into the high half).
+inline vf vloadT(const float* p) { return vload(p); }
+inline vf vloadT(const uint16_t* p) {
+#if defined(TIDE_AVX512)
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+#else
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#endif
+}
+#endif
+
 // Whole rows widened (for large batches, which run faster through the BLAS GEMM): out [N, K], fp32 or bf16
 // (T = uint16_t; for models running in bf16 on CPUs with native bf16 GEMMs).
 template <class F, class T>
@@ -355,8 +393,11 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
               for (int j = 0; j < kDotN; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], xi);
             }
           }
+          static_assert(kDotN == 4, "hsum16 folds 4 x 4 accumulators");
+          alignas(64) float sums[16];
+          _mm512_store_ps(sums, hsum16(&acc[0][0]));
           for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < kDotN; ++j) store1(out + (r + i) * N + n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+            for (int j = 0; j < kDotN; ++j) store1(out + (r + i) * N + n0 + j, sums[i * kDotN + j]);
         }
       }
       for (; r < M; ++r) {  // leftover rows (and a last group of fewer weight rows): one input row at a time
@@ -381,8 +422,113 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
 // microseconds each, is a third of a one-token step of a small model). Each repeats the roundings of the torch
 // ops it replaces, so bf16 results match them (up to an fp32 ulp before rounding where FMA contracts).
 
+// exp for x <= 0 (softmax after subtracting the max; silu's e^-|a|): Cody-Waite reduction x = n ln2 + r, a
+// degree-6 polynomial for e^r, then 2^n through the exponent bits. Within 2 ulp of std::exp; inputs below -87
+// give about 1.6e-38 instead of a denormal or zero (weight ~0 either way). vexp_nonpos below is the same on a
+// vector (GCC leaves this scalar one scalar even in `omp simd` loops); this one serves the tails.
+inline float exp_nonpos(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+#ifdef TIDE_AVX2
+// exp_nonpos on a vector, and the few vector helpers it and silu_mul need.
+#if defined(TIDE_AVX512)
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vfloor(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline vf vpow2i(vf n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vselect_neg(vf a, vf if_neg, vf otherwise) {  // a < 0 ? if_neg : otherwise
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_neg);
+}
+inline vf vround_bf16(vf v) {  // to bf16 (nearest even) and back
+  __m512i b = _mm512_castps_si512(v);
+  b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+  return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+#else
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vfloor(vf a) { return _mm256_floor_ps(a); }
+inline vf vpow2i(vf n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vselect_neg(vf a, vf if_neg, vf otherwise) {
+  return _mm256_blendv_ps(otherwise, if_neg, _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+inline vf vround_bf16(vf v) {
+  __m256i b = _mm256_castps_si256(v);
+  b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))));
+  return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+#endif
+inline vf vneg_abs(vf a) {  // -|a|: the sign bit set
+#if defined(TIDE_AVX512)
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32(static_cast<int32_t>(0x80000000u))));
+#else
+  return _mm256_or_ps(a, _mm256_set1_ps(-0.0f));
+#endif
+}
+inline vf vexp_nonpos(vf x) {
+  x = vmax(x, vbcast(-87.f));
+  const vf n = vfloor(vfma(x, vbcast(1.44269504088896341f), vbcast(0.5f)));
+  vf r = vfma(n, vbcast(-0.693359375f), x);
+  r = vfma(n, vbcast(2.12194440e-4f), r);
+  vf p = vbcast(1.9875691500e-4f);
+  p = vfma(p, r, vbcast(1.3981999507e-3f));
+  p = vfma(p, r, vbcast(8.3334519073e-3f));
+  p = vfma(p, r, vbcast(4.1665795894e-2f));
+  p = vfma(p, r, vbcast(1.6666665459e-1f));
+  p = vfma(p, r, vbcast(5.0000001201e-1f));
+  p = vadd(vfma(p, vmul(r, r), r), vbcast(1.0f));
+  return vmul(p, vpow2i(n));
+}
+inline vf vround_to(vf v, const float*) { return v; }
+inline vf vround_to(vf v, const uint16_t*) { return vround_bf16(v); }
+#endif
+
+// Softmax numerators in place: s[t] = e^(s[t] - max s), returning their sum.
+inline float exp_minus_max(float* s, int64_t L) {
+  float mx = s[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t t = 1; t < L; ++t) mx = s[t] > mx ? s[t] : mx;
+  float sum = 0.f;
+  int64_t t = 0;
+#ifdef TIDE_AVX2
+  const vf neg_mx = vbcast(-mx);
+  vf acc = vzero();
+  for (; t + kLanes <= L; t += kLanes) {
+    const vf e = vexp_nonpos(vadd(vload(s + t), neg_mx));
+    store(s + t, e);
+    acc = vadd(acc, e);
+  }
+  sum = vsum(acc);
+#endif
+  for (; t < L; ++t) {
+    s[t] = exp_nonpos(s[t] - mx);
+    sum += s[t];
+  }
+  return sum;
+}
+
 // SwiGLU on a merged [gate | up] row: out[r, i] = silu(x[r, i]) * x[r, I + i] (silu rounded to T first, as
-// F.silu(...).mul_(...) rounds).
+// F.silu(...).mul_(...) rounds). silu(a) = a / (1 + e^-a) as torch computes it, with e^-a from the vectorized
+// exp_nonpos: directly for a >= 0, and as a e^a / (e^a + 1) for a < 0 (the same value; e^-a would overflow).
 template <class T>
 void silu_mul(const T* x, int64_t M, int64_t I, T* out) {
 #pragma omp parallel for schedule(static) if (M > 8)
@@ -390,9 +536,19 @@ void silu_mul(const T* x, int64_t M, int64_t I, T* out) {
     const T* g = x + r * 2 * I;
     const T* u = g + I;
     T* o = out + r * I;
-    for (int64_t i = 0; i < I; ++i) {
+    int64_t i0 = 0;
+#ifdef TIDE_AVX2
+    for (; i0 + kLanes <= I; i0 += kLanes) {
+      const vf a = vloadT(g + i0);
+      const vf e = vexp_nonpos(vneg_abs(a));
+      const vf s = vround_to(vdiv(vselect_neg(a, vmul(a, e), a), vadd(e, vbcast(1.0f))), g);
+      store(o + i0, vmul(s, vloadT(u + i0)));
+    }
+#endif
+    for (int64_t i = i0; i < I; ++i) {
       const float a = ld(g, i);
-      const float s = round_to(a / (1.0f + std::exp(-a)), g);
+      const float e = exp_nonpos(a < 0.f ? a : -a);
+      const float s = round_to(a < 0.f ? a * e / (e + 1.0f) : a / (1.0f + e), g);
       store1(o + i, s * ld(u, i));
     }
   }
@@ -430,28 +586,6 @@ void kv_write(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t ntok, in
   }
 }
 
-// exp for x <= 0 (softmax after subtracting the max), written so that `omp simd` loops vectorize it: Cody-Waite
-// reduction x = n ln2 + r, a degree-6 polynomial for e^r, then 2^n through the exponent bits. Within 2 ulp of
-// std::exp; inputs below -87 give about 1.6e-38 instead of a denormal or zero (weight ~0 either way).
-#pragma omp declare simd
-inline float exp_nonpos(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
 // Decode attention straight from the paged cache: one query token per request, reading only the request's
 // blocks (no gathered copy). q row b sits at q + rows[b] * q_stride as [H, D]; out row at out + rows[b] * H * D.
 // kv: [2, num_blocks, block_size, Hkv, D]; block_table [B, max_blocks] indexed by position; seq_lens [B]
@@ -461,18 +595,6 @@ inline float exp_nonpos(float x) {
 // the math is fp32. Each (request, KV head) pair is one task: its G query heads share every key and value
 // row, which is widened to fp32 once.
 #ifdef TIDE_AVX2
-// kLanes consecutive elements as fp32 (bf16 widens by a shift into the high half).
-inline vf vloadT(const float* p) { return vload(p); }
-inline vf vloadT(const uint16_t* p) {
-#if defined(TIDE_AVX512)
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-#else
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-#endif
-}
-inline vf vbcast(float x) { return vset1(&x); }
 
 // One (request, KV head) task of paged_decode with the head size D a compile-time multiple of kLanes: every
 // dot product and every output row lives in registers (no per-element stores), and the key/value rows are
@@ -497,13 +619,7 @@ inline void decode_task_vec(const float* qf, const T* kv_h, const T* v_h, const 
       if (C % 2) a0 = vfma(qv[C - 1], vloadT(k + (C - 1) * kLanes), a0);
       sg[t] = vsum(vadd(a0, a1));
     }
-    float mx = sg[0];
-    for (int64_t t = 1; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) sg[t] = exp_nonpos(sg[t] - mx);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < L; ++t) sum += sg[t];
+    const float sum = exp_minus_max(sg, L);
     vf acc[C];
     for (int c = 0; c < C; ++c) acc[c] = vzero();
     blk = first / block_size, j = first % block_size;
@@ -515,6 +631,95 @@ inline void decode_task_vec(const float* qf, const T* kv_h, const T* v_h, const 
     }
     const vf inv = vbcast(1.0f / sum);
     for (int c = 0; c < C; ++c) store(oh + g * D + c * kLanes, vmul(acc[c], inv));
+  }
+}
+#endif
+
+#ifdef TIDE_BF16DP
+// The same task on AVX-512 BF16 for bf16 caches, head size D a multiple of 32. Scores: vdpbf16ps of the query
+// row and 16 key rows at a time straight from the cache (exact bf16 products summed in fp32, then scaled),
+// folded with hsum16. Values: each row widened once (even and odd elements, by a shift and a mask) for all
+// the NG heads of the pass, fp32 FMAs; the output's even/odd halves interleave back when rounded to bf16.
+template <int D, int NG>
+inline void decode_values_bf16(const uint16_t* v_h, const int64_t* slot, int64_t tok_stride, int64_t L,
+                               const float* scores, const float* sums, uint16_t* oh) {
+  constexpr int C2 = D / 32, C = 2 * C2;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m512 acc[NG][C];
+  for (int g = 0; g < NG; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < L; ++t) {
+    const uint16_t* v = v_h + slot[t] * tok_stride;
+    __m512 w[C];
+    for (int c = 0; c < C2; ++c) {
+      const __m512i x = _mm512_loadu_si512(v + 32 * c);
+      w[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      w[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+    }
+    for (int g = 0; g < NG; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * L + t]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, w[c], acc[g][c]);
+    }
+  }
+  const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (int g = 0; g < NG; ++g) {
+    const __m512 inv = _mm512_set1_ps(1.0f / sums[g]);
+    for (int c = 0; c < C2; ++c) {
+      __m512i e = _mm512_castps_si512(_mm512_mul_ps(acc[g][2 * c], inv));
+      __m512i o = _mm512_castps_si512(_mm512_mul_ps(acc[g][2 * c + 1], inv));
+      // round to nearest even, as store() does; even elements into the low halves, odd into the high
+      e = _mm512_add_epi32(e, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(e, 16), one)));
+      o = _mm512_add_epi32(o, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(o, 16), one)));
+      _mm512_storeu_si512(oh + g * D + 32 * c, _mm512_or_si512(_mm512_srli_epi32(e, 16), _mm512_and_si512(o, hi)));
+    }
+  }
+}
+
+template <int D>
+inline void decode_task_bf16dp(const uint16_t* qh, float scale, const uint16_t* k_h, const uint16_t* v_h,
+                               const int64_t* slot, int64_t tok_stride, int64_t L, int64_t G, float* scores,
+                               uint16_t* oh) {
+  constexpr int C2 = D / 32;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  float sums[64];
+  for (int64_t g = 0; g < G; ++g) {
+    __m512bh qv[C2];
+    for (int c = 0; c < C2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qh + g * D + 32 * c);
+    float* sg = scores + g * L;
+    for (int64_t t0 = 0; t0 < L; t0 += 16) {
+      const int n = static_cast<int>(L - t0 < 16 ? L - t0 : 16);
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int i = 0; i < 16; ++i) {  // all 16 (slot is padded), so acc stays in registers; extra sums unused
+        const uint16_t* k = k_h + slot[t0 + i] * tok_stride;
+        for (int c = 0; c < C2; ++c) acc[i] = _mm512_dpbf16_ps(acc[i], qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+      }
+      _mm512_mask_storeu_ps(sg + t0, static_cast<__mmask16>((1u << n) - 1), _mm512_mul_ps(hsum16(acc), vscale));
+    }
+    sums[g] = exp_minus_max(sg, L);
+  }
+  // Heads per pass over the values: their accumulators (NG x D/16 vectors) fit in 16 registers.
+  constexpr int NG = 256 / D > 0 ? 256 / D : 1;
+  for (int64_t g0 = 0; g0 < G; g0 += NG) {
+    const int64_t ng = G - g0 < NG ? G - g0 : NG;
+    const float* sc = scores + g0 * L;
+    uint16_t* o = oh + g0 * D;
+    if constexpr (NG >= 4) {
+      if (ng == 3) {
+        decode_values_bf16<D, 3>(v_h, slot, tok_stride, L, sc, sums + g0, o);
+        continue;
+      }
+    }
+    if constexpr (NG >= 2) {
+      if (ng == 2) {
+        decode_values_bf16<D, 2>(v_h, slot, tok_stride, L, sc, sums + g0, o);
+        continue;
+      }
+    }
+    if (ng == 1)
+      decode_values_bf16<D, 1>(v_h, slot, tok_stride, L, sc, sums + g0, o);
+    else
+      decode_values_bf16<D, NG>(v_h, slot, tok_stride, L, sc, sums + g0, o);
   }
 }
 #endif
@@ -536,6 +741,7 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
 #pragma omp parallel if (keys * Hkv > 4096)
   {
     std::vector<float> scores, qf(G * D), of(G * D), row(D);
+    std::vector<int64_t> slot;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < Hkv; ++h) {
@@ -544,6 +750,21 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
         scores.resize(G * L);
         const int64_t* table = block_table + b * max_blocks;
         const T* qh = q + rows[b] * q_stride + h * G * D;
+#ifdef TIDE_BF16DP
+        if constexpr (std::is_same_v<T, uint16_t> && DC > 0 && DC % 32 == 0) {
+          if (G <= 64) {
+            slot.resize((L + 15) / 16 * 16);
+            for (int64_t t = 0, blk = first / block_size, j = first % block_size; t < L; ++t) {
+              slot[t] = table[blk] * block_size + j;
+              if (++j == block_size) j = 0, ++blk;
+            }
+            for (int64_t t = L; t < static_cast<int64_t>(slot.size()); ++t) slot[t] = slot[0];  // valid rows
+            decode_task_bf16dp<DC>(qh, scale, kv + h * D, vbase + h * D, slot.data(), tok_stride, L, G, scores.data(),
+                                   out + rows[b] * H * D + h * G * D);
+            continue;
+          }
+        }
+#endif
         for (int64_t i = 0; i < G * D; ++i) qf[i] = ld(qh, i) * scale;
 #ifdef TIDE_AVX2
         if constexpr (DC > 0 && DC % kLanes == 0) {
@@ -570,16 +791,7 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
         }
         for (int64_t g = 0; g < G; ++g) {
           float* sg = scores.data() + g * L;
-          float mx = sg[0];
-#pragma omp simd reduction(max : mx)
-          for (int64_t t = 0; t < L; ++t) mx = sg[t] > mx ? sg[t] : mx;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < L; ++t) {
-            sg[t] = exp_nonpos(sg[t] - mx);
-            sum += sg[t];
-          }
-          const float inv = 1.0f / sum;
+          const float inv = 1.0f / exp_minus_max(sg, L);
 #pragma omp simd
           for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
         }
