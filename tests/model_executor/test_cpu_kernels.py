@@ -376,3 +376,8 @@ def test_bf16_dot_kernel(fmt: str) -> None:
         ref = x.float() @ wide.float().T  # fp32 sums of exact bf16 products
         assert got.dtype == torch.bfloat16 and got.shape == (rows, 70)
         torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-2)
+        # fp32 out (the LM head's logits): the same sums, not rounded to bf16
+        got32 = cpu_kernels.matmul_bf16_dot(x, qt.q, qt.d, qt.m, torch.float32)
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32, ref, rtol=1e-5, atol=1e-4)
+        assert torch.equal(got32.bfloat16(), got)

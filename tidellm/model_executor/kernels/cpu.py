@@ -115,6 +115,10 @@ def library() -> ctypes.CDLL:
     lib.tide_q4_1_gemm_bf16dp.restype = _i64
     lib.tide_q8_0_gemm_bf16dp.argtypes = lib.tide_q8_0_gemm.argtypes
     lib.tide_q8_0_gemm_bf16dp.restype = _i64
+    lib.tide_q4_1_gemm_bf16dp_f32.argtypes = lib.tide_q4_1_gemm.argtypes
+    lib.tide_q4_1_gemm_bf16dp_f32.restype = _i64
+    lib.tide_q8_0_gemm_bf16dp_f32.argtypes = lib.tide_q8_0_gemm.argtypes
+    lib.tide_q8_0_gemm_bf16dp_f32.restype = _i64
     lib.tide_has_bf16dp.restype = _i64
     for name in ("tide_decode_layers", "tide_decode_layers_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
@@ -164,20 +168,25 @@ def has_bf16_dot() -> bool:
 
 
 def matmul_bf16_dot(
-    x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    m: torch.Tensor | None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """x [M, K] bf16 contiguous times the blocks' [N, K] transposed -> [M, N] bf16, each weight rounded to bf16
-    (as widening to bf16 for the GEMM does) and the products summed in fp32 by vdpbf16ps. Only where
-    ``has_bf16_dot()``."""
+    """x [M, K] bf16 contiguous times the blocks' [N, K] transposed -> [M, N] in ``out_dtype`` (bf16, or
+    float32 left unrounded), each weight rounded to bf16 (as widening to bf16 for the GEMM does) and the
+    products summed in fp32 by vdpbf16ps. Only where ``has_bf16_dot()``."""
     n_rows, k = x.shape
-    out = torch.empty(n_rows, q.shape[0], dtype=torch.bfloat16)
+    out = torch.empty(n_rows, q.shape[0], dtype=out_dtype)
     lib = library()
+    f32 = out_dtype == torch.float32
     if m is not None:
-        done = lib.tide_q4_1_gemm_bf16dp(
+        done = (lib.tide_q4_1_gemm_bf16dp_f32 if f32 else lib.tide_q4_1_gemm_bf16dp)(
             x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), m.data_ptr(), q.shape[0], out.data_ptr()
         )
     else:
-        done = lib.tide_q8_0_gemm_bf16dp(
+        done = (lib.tide_q8_0_gemm_bf16dp_f32 if f32 else lib.tide_q8_0_gemm_bf16dp)(
             x.data_ptr(), n_rows, k, q.data_ptr(), d.data_ptr(), q.shape[0], out.data_ptr()
         )
     if not done:

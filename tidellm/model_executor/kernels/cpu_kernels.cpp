@@ -961,6 +961,27 @@ int64_t tide_q8_0_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const int
   return 1;
 }
 
+// The same with the result in fp32 (the LM head's logits: not rounded to bf16).
+int64_t tide_q4_1_gemm_bf16dp_f32(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d,
+                                  const float* m, int64_t N, float* out) {
+#ifdef TIDE_BF16DP
+  gemm_bf16dp<Q41>(x, M, K, q, d, m, N, out);
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int64_t tide_q8_0_gemm_bf16dp_f32(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
+                                  float* out) {
+#ifdef TIDE_BF16DP
+  gemm_bf16dp<Q80>(x, M, K, reinterpret_cast<const uint8_t*>(q), d, nullptr, N, out);
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int64_t tide_has_bf16dp() {
 #ifdef TIDE_BF16DP
   return 1;

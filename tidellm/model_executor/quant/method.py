@@ -86,19 +86,16 @@ class BlockQuantMethod:
     def matmul(self, x: torch.Tensor, w: QuantizedTensor, fp32_out: bool = False) -> torch.Tensor:
         """x [..., K] -> x W^T [..., N]. Small batches: the block kernel (fp32 math), the result in x's dtype
         (fp32 or bf16, rounded once), or fp32 with ``fp32_out``; bf16 batches of MIN_DOT_ROWS..MAX_DOT_ROWS
-        rows on AVX-512 BF16 CPUs: vdpbf16ps on bf16-rounded weights. Larger ones: the GEMM on weights widened
-        to fp32, or to bf16 when x is bf16 and the CPU multiplies bf16 natively (about 4x the fp32 GEMM on
-        AVX-512 BF16 machines)."""
+        rows on AVX-512 BF16 CPUs: vdpbf16ps on bf16-rounded weights (the result likewise in bf16 or, with
+        ``fp32_out``, fp32). Larger ones: the GEMM on weights widened to fp32, or to bf16 when x is bf16 and
+        the CPU multiplies bf16 natively (about 4x the fp32 GEMM on AVX-512 BF16 machines)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         bf16 = x2.dtype == torch.bfloat16 and cpu_has_native_bf16()
-        if (
-            bf16
-            and not fp32_out
-            and MIN_DOT_ROWS <= x2.shape[0] <= MAX_DOT_ROWS
-            and cpu_kernels.has_bf16_dot()
-        ):
-            return cpu_kernels.matmul_bf16_dot(x2.contiguous(), w.q, w.d, w.m).view(*lead, w.shape[0])
+        if bf16 and MIN_DOT_ROWS <= x2.shape[0] <= MAX_DOT_ROWS and cpu_kernels.has_bf16_dot():
+            out_dtype = torch.float32 if fp32_out else torch.bfloat16
+            y = cpu_kernels.matmul_bf16_dot(x2.contiguous(), w.q, w.d, w.m, out_dtype)
+            return y.view(*lead, w.shape[0])
         if x2.shape[0] <= (MAX_KERNEL_ROWS_BF16 if bf16 else MAX_KERNEL_ROWS)[w.fmt]:
             if fp32_out or x2.dtype not in (torch.float32, torch.bfloat16):
                 x2 = x2.float()
