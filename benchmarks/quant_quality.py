@@ -4,10 +4,12 @@ path), and greedy decoding of 64 tokens (the one-row decode path): how many toke
 difference, and the drift of the sampled tokens' logprobs while they agree.
 
     .venv/bin/python benchmarks/quant_quality.py [--model smollm2-135m] [--out benchmarks/results/quant-quality.json]
-        [--methods none,auto,q8_0,q4_1,none@bfloat16,auto@bfloat16]   # METHOD@DTYPE runs in that dtype (else fp32)
+        [--methods none,auto,q8_0,q4_1,none@bfloat16,auto@bfloat16,auto@bfloat16+none]
+        # METHOD@DTYPE runs in that dtype (else fp32); +ACT sets --activation-quantization (else none)
 
 The first entry is the reference. bf16 entries measure what a CPU with native bf16 runs by default (dtype auto
-is bf16 there): the drift of bf16 compute itself, with and without the GGUF blocks.
+is bf16 there): the drift of bf16 compute itself, with and without the GGUF blocks, and with int8 activations
+(``+auto``: what such a CPU runs by default when it also has AVX-512 VNNI; ``+int8``: int8 in any dtype).
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ DECODE_PROMPTS = ["The three most important inventions of the last century are",
 
 
 def run(
-    model: str, quantization: str, dtype: str = "float32"
+    model: str, quantization: str, dtype: str = "float32", activations: str = "none"
 ) -> tuple[list[float], list[tuple[list[int], list[float]]], float]:
     """(prompt logprobs of TEXT, [(greedy tokens, their logprobs)] per decode prompt, load seconds)."""
     from tidellm import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory_gb=0.5, max_model_len=2048)
+    llm = LLM(
+        model, dtype=dtype, quantization=quantization, activation_quantization=activations,
+        kv_cache_memory_gb=0.5, max_model_len=2048,
+    )  # fmt: skip
     load_s = time.perf_counter() - t0
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, logprobs=0)
     decoded = []
@@ -75,8 +80,9 @@ def main() -> None:
     results = {}
     base = base_dec = None
     for method in args.methods.split(","):
-        quantization, _, dtype = method.partition("@")
-        lps, decoded, load_s = run(args.model, quantization, dtype or "float32")
+        setting, _, activations = method.partition("+")
+        quantization, _, dtype = setting.partition("@")
+        lps, decoded, load_s = run(args.model, quantization, dtype or "float32", activations or "none")
         if base is None:
             base, base_dec = lps, decoded
         drift = [abs(a - b) for a, b in zip(lps, base, strict=True)]

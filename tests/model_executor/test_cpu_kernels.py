@@ -381,3 +381,55 @@ def test_bf16_dot_kernel(fmt: str) -> None:
         assert got32.dtype == torch.float32
         torch.testing.assert_close(got32, ref, rtol=1e-5, atol=1e-4)
         assert torch.equal(got32.bfloat16(), got)
+
+
+def _int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int8 kernel quantizes it: per block of 32, scale absmax / 127, round to nearest even."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_int8_kernel(fmt: str) -> None:
+    """VNNI builds: the exact product of the int8-rounded activations and the stored weights (up to fp32
+    summation order), for every tile shape (1-4 rows, two panels or one, a last panel of fewer than 16 rows),
+    bf16 or fp32 in, bf16 or fp32 out; and the panels cover the whole matrix."""
+    if not cpu_kernels.has_vnni():
+        pytest.skip("this build has no AVX-512 VNNI kernel")
+    torch.manual_seed(5)
+    for n in (50, 64, 96):  # 4 panels (the last of 2 rows), 4 whole panels (two pairs), 6 panels
+        qt = QuantizedTensor.quantize(torch.randn(n, 160) * 0.1, fmt)
+        assert qt.panels().q.shape == (-(-n // 16), 5, 256 if fmt == "q4_1" else 512)
+        w = qt.dequantize()
+        for rows in (1, 2, 3, 4, 7, 33):
+            x = torch.randn(rows, 160) * 2
+            x[0, :32] = 0  # an all-zero block (scale 0)
+            ref = _int8_activations(x) @ w.T
+            torch.testing.assert_close(cpu_kernels.matmul_i8(x, qt), ref, rtol=1e-5, atol=1e-5)
+            xb = x.bfloat16()
+            ref16 = _int8_activations(xb) @ w.T
+            got32 = cpu_kernels.matmul_i8(xb, qt, torch.float32)
+            torch.testing.assert_close(got32, ref16, rtol=1e-5, atol=1e-5)
+            assert torch.equal(cpu_kernels.matmul_i8(xb, qt), got32.bfloat16())
+    # a matrix changed after its panels were built gets new ones
+    qt.copy_rows_(0, QuantizedTensor.quantize(torch.ones(2, 160), fmt))
+    x = torch.randn(3, 160)
+    torch.testing.assert_close(
+        cpu_kernels.matmul_i8(x, qt), _int8_activations(x) @ qt.dequantize().T, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_int8_activation_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: int8 only in bf16 and only with the kernel; int8 without it is an error naming the fix."""
+    cpu = torch.device("cpu")
+    assert not quant_method.int8_activations("none", torch.bfloat16, cpu)
+    assert not quant_method.int8_activations("auto", torch.float32, cpu)
+    assert quant_method.int8_activations("auto", torch.bfloat16, cpu) == cpu_kernels.has_vnni()
+    monkeypatch.setattr(cpu_kernels, "has_vnni", lambda: False)
+    assert not quant_method.int8_activations("auto", torch.bfloat16, cpu)
+    with pytest.raises(ValueError, match="AVX-512 VNNI.*activation_quantization='none'"):
+        quant_method.int8_activations("int8", torch.float32, cpu)
+    with pytest.raises(ValueError, match="must be one of auto, int8, none"):
+        quant_method.int8_activations("fp8", torch.float32, cpu)

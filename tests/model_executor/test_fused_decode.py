@@ -34,15 +34,22 @@ def _runs(llm: LLM, prompts, params: SamplingParams, fused: bool, monkeypatch: p
 
 
 @pytest.mark.parametrize("streams", [4, 24])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype,activations",
+    [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("float32", "int8")],
+)
 def test_smollm2_fused_equals_layer_by_layer(
-    dtype: str, streams: int, monkeypatch: pytest.MonkeyPatch
+    dtype: str, activations: str, streams: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """4 and 24 streams: in bf16 on AVX-512 BF16 CPUs both batch sizes take the vdpbf16ps tiles (full tiles of 4
-    rows, and 24 = 6 of them), in fp32 the fp32 block kernel."""
+    rows, and 24 = 6 of them), in fp32 the fp32 block kernel; with int8 activations (AVX-512 VNNI CPUs) the
+    int8 kernel in both dtypes."""
+    if activations == "int8" and not cpu_kernels.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
     # No prefix caching: the second run's prefill must compute what the first one did.
-    llm = LLM("smollm2-135m", dtype=dtype, kv_cache_memory_gb=0.1, max_model_len=512, max_num_batched_tokens=64,
-              enable_prefix_caching=False, log_level="WARNING")  # fmt: skip
+    llm = LLM("smollm2-135m", dtype=dtype, activation_quantization=activations, kv_cache_memory_gb=0.1,
+              max_model_len=512, max_num_batched_tokens=64, enable_prefix_caching=False,
+              log_level="WARNING")  # fmt: skip
     prompts = [
         "The tides rise and fall because",
         "def fibonacci(n):",

@@ -1,6 +1,7 @@
 """CI-sized performance smoke test: not timed, it checks that serving the default model takes the fast CPU
-paths -- GGUF blocks through the compiled matmul kernel, the fused RMSNorm, decode attention straight from
-the paged cache, decode steps' layers in one compiled call -- and that none of the slow fallbacks runs. A missing compiler or a silently changed
+paths -- GGUF blocks through the compiled matmul kernels (int8 activations where the CPU has VNNI and the
+model runs in bf16), the fused RMSNorm, decode attention straight from the paged cache, decode steps' layers
+in one compiled call -- and that none of the slow fallbacks runs. A missing compiler or a silently changed
 dispatch rule fails here instead of showing up weeks later as a slower benchmark."""
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def llm_bf16():
     return LLM("smollm2-135m", dtype="bfloat16", kv_cache_memory_gb=0.25, max_model_len=2048)
 
 
+@pytest.fixture(scope="module")
+def llm_bf16_no_int8():
+    return LLM(
+        "smollm2-135m", dtype="bfloat16", activation_quantization="none", kv_cache_memory_gb=0.25,
+        max_model_len=2048,
+    )  # fmt: skip
+
+
 @pytest.fixture(params=["float32", "bfloat16"])
 def llm(request):
     """``dtype auto`` is one or the other depending on the CPU: both must stay on the fast paths."""
@@ -40,7 +49,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
         return wrapped
 
-    for name in ("matmul", "matmul_bf16_dot", "rms_norm", "paged_decode", "dequantize", "decode_layers"):
+    for name in (
+        "matmul", "matmul_bf16_dot", "matmul_i8", "rms_norm", "paged_decode", "dequantize", "decode_layers",
+    ):  # fmt: skip
         monkeypatch.setattr(cpu_kernels, name, count(name, getattr(cpu_kernels, name)))
     monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
     monkeypatch.setattr(F, "rms_norm", count("slow_rms_norm", F.rms_norm))
@@ -73,20 +84,40 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm, monkeypatch: pytest.Monke
     # final norm and the LM head.
     assert calls["decode_layers"] == decode_steps and calls["paged_decode"] == 0
     assert calls["rms_norm"] == (2 * layers + 1) + decode_steps
-    # prompts are a few tokens: every matmul (and the LM head) goes through a block kernel (bf16 batches of
-    # 4+ rows on AVX-512 BF16 CPUs: the vdpbf16ps one)
-    assert calls["matmul"] + calls["matmul_bf16_dot"] == (4 * layers + 1) + decode_steps
+    # prompts are a few tokens: every matmul (and the LM head) goes through a block kernel: with int8
+    # activations (bf16 on AVX-512 VNNI CPUs) the int8 one, else the fp32 one (bf16 batches of 4+ rows on
+    # AVX-512 BF16 CPUs: the vdpbf16ps one)
+    int8 = linears[0].linear_method.block.int8
+    assert int8 == (cpu_kernels.has_vnni() and runner.dtype == torch.bfloat16)
+    kernels = ("matmul_i8",) if int8 else ("matmul", "matmul_bf16_dot")
+    assert sum(calls[k] for k in kernels) == (4 * layers + 1) + decode_steps
     for slow in ("slow_decode", "slow_rms_norm", "linear", "dequantize"):
         assert calls[slow] == 0, f"fell back to {slow}"
 
 
-def test_large_batches_widen_in_the_fastest_dtype(llm_bf16, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A long prompt's prefill (more rows than the kernel takes) widens the blocks and uses the GEMM: in bf16
-    where the CPU multiplies bf16 natively (about 4x fp32 there), else in fp32 (bf16 GEMMs are emulated)."""
+def test_large_batches_widen_in_the_fastest_dtype(llm_bf16_no_int8, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without int8 activations, a long prompt's prefill (more rows than the kernel takes) widens the blocks
+    and uses the GEMM: in bf16 where the CPU multiplies bf16 natively (about 4x fp32 there), else in fp32 (bf16
+    GEMMs are emulated)."""
     widened: list[torch.dtype] = []
     real = cpu_kernels.dequantize
     monkeypatch.setattr(cpu_kernels, "dequantize", lambda *a: widened.append(a[-1].dtype) or real(*a))
-    llm_bf16.generate([list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    layers = llm_bf16.engine.core.runner.model.arch.num_hidden_layers
+    llm = llm_bf16_no_int8
+    llm.generate([list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    layers = llm.engine.core.runner.model.arch.num_hidden_layers
     assert len(widened) == 4 * layers  # the LM head runs on the last token only: the kernel
     assert set(widened) == {torch.bfloat16 if cpu_has_native_bf16() else torch.float32}
+
+
+def test_int8_activations_take_every_batch(llm_bf16, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With int8 activations (the default in bf16 on AVX-512 VNNI CPUs) a 200-token prefill also runs on the
+    int8 kernel: nothing is widened."""
+    if not cpu_kernels.has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: activations stay in bf16")
+    calls = _counting(monkeypatch)
+    llm_bf16.generate([list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    layers = llm_bf16.engine.core.runner.model.arch.num_hidden_layers
+    # the prefill's 4 per layer, then the LM head after it and after the one (fused) decode step
+    assert calls["matmul_i8"] == 4 * layers + 2 and calls["decode_layers"] == 1
+    for slow in ("dequantize", "linear", "matmul", "matmul_bf16_dot"):
+        assert calls[slow] == 0, f"took {slow}"

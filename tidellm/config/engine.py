@@ -7,6 +7,7 @@ from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
 QUANTIZATION_CHOICES = ("auto", "none", "q8_0", "q4_1")  # see model_executor/quant/method.py
+ACTIVATION_QUANTIZATION_CHOICES = ("auto", "int8", "none")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -37,10 +38,22 @@ class ModelConfig:
         "slightly less accurate).",
         choices=QUANTIZATION_CHOICES,
     )
+    activation_quantization: str = _f(
+        "auto",
+        "Activations of the block-quantized matmuls on CPU. auto: int8 (per block of 32, with VNNI dot "
+        "products, as llama.cpp does) where the CPU has AVX-512 VNNI and the model runs in bfloat16; fp32 "
+        "stays exact. int8: also in float32. none: activations stay in the model dtype.",
+        choices=ACTIVATION_QUANTIZATION_CHOICES,
+    )
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len}).")
+        if self.activation_quantization not in ACTIVATION_QUANTIZATION_CHOICES:
+            raise ValueError(
+                "activation_quantization must be one of "
+                f"{', '.join(ACTIVATION_QUANTIZATION_CHOICES)} (got {self.activation_quantization!r})."
+            )
         if self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (got {self.quantization!r})."

@@ -22,7 +22,7 @@ from tidellm.model_executor.forward_context import set_forward_context
 from tidellm.model_executor.layers.attention import AttentionMetadata, layer_windows
 from tidellm.model_executor.loader import ModelLoadError, ModelSource
 from tidellm.model_executor.models.registry import get_model_class
-from tidellm.model_executor.quant.method import apply_quantization, plan_quantization
+from tidellm.model_executor.quant.method import apply_quantization, int8_activations, plan_quantization
 from tidellm.platforms import available_memory_bytes
 from tidellm.sample.bitmask import unpack_bitmask
 from tidellm.sample.metadata import RowState, SamplingMetadata
@@ -211,7 +211,8 @@ def load_model(
     with torch.device(device):
         model = model_cls(source.arch, dtype=dtype, device=device)
     plan, default_fmt = plan_quantization(config.model.quantization, source, device)
-    keep_blocks = apply_quantization(model, plan, default_fmt)
+    int8 = int8_activations(config.model.activation_quantization, dtype, device)
+    keep_blocks = apply_quantization(model, plan, default_fmt, int8)
     model.load_weights(source.iter_weights(frozenset(keep_blocks)))
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

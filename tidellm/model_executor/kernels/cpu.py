@@ -115,6 +115,10 @@ def library() -> ctypes.CDLL:
     lib.tide_q4_1_gemm_bf16dp.restype = _i64
     lib.tide_q8_0_gemm_bf16dp.argtypes = lib.tide_q8_0_gemm.argtypes
     lib.tide_q8_0_gemm_bf16dp.restype = _i64
+    lib.tide_has_vnni.restype = _i64
+    for name in ("tide_gemm_i8_bf16", "tide_gemm_i8_bf16_f32", "tide_gemm_i8_f32"):
+        getattr(lib, name).argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
+        getattr(lib, name).restype = _i64
     lib.tide_q4_1_gemm_bf16dp_f32.argtypes = lib.tide_q4_1_gemm.argtypes
     lib.tide_q4_1_gemm_bf16dp_f32.restype = _i64
     lib.tide_q8_0_gemm_bf16dp_f32.argtypes = lib.tide_q8_0_gemm.argtypes
@@ -191,6 +195,35 @@ def matmul_bf16_dot(
         )
     if not done:
         raise KernelUnavailable("this build has no AVX-512 BF16 kernels (check has_bf16_dot() first)")
+    return out
+
+
+def has_vnni() -> bool:
+    """Whether this build has the int8 VNNI matmul (AVX-512 VNNI CPUs)."""
+    return bool(library().tide_has_vnni())
+
+
+def matmul_i8(x: torch.Tensor, w, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32, contiguous) times block matrix ``w``'s [N, K] transposed -> [M, N] in
+    ``out_dtype`` (default x's; fp32 out of bf16 x is allowed), with x quantized to int8 per block of 32 and
+    int8 dot products (VNNI). Only where ``has_vnni()``."""
+    n_rows, k = x.shape
+    out_dtype = out_dtype or x.dtype
+    p = w.panels()
+    out = torch.empty(n_rows, w.shape[0], dtype=out_dtype)
+    lib = library()
+    if x.dtype == torch.bfloat16:
+        fn = lib.tide_gemm_i8_bf16 if out_dtype == torch.bfloat16 else lib.tide_gemm_i8_bf16_f32
+    elif x.dtype == torch.float32 and out_dtype == torch.float32:
+        fn = lib.tide_gemm_i8_f32
+    else:
+        raise ValueError(f"int8 matmul takes bf16 or fp32 activations, got {x.dtype} -> {out_dtype}")
+    done = fn(
+        x.data_ptr(), n_rows, k, int(w.fmt == "q4_1"), p.q.data_ptr(), p.d.data_ptr(), p.extra.data_ptr(),
+        w.shape[0], out.data_ptr(),
+    )  # fmt: skip
+    if not done:
+        raise KernelUnavailable("this build has no AVX-512 VNNI kernels (check has_vnni() first)")
     return out
 
 
@@ -293,13 +326,22 @@ def paged_decode(
 
 # ---------------------------------------------------------------- fused decode layers (models/fused_decode.py)
 class Blocks(ctypes.Structure):
-    """A block-quantized matrix: codes, scales, Q4_1 minimums (null for Q8_0), its [rows, cols]."""
+    """A block-quantized matrix: codes, scales, Q4_1 minimums (null for Q8_0), its [rows, cols], and its
+    panels for the int8 kernel (null when not used)."""
 
-    _fields_ = [("q", _ptr), ("d", _ptr), ("m", _ptr), ("rows", _i64), ("cols", _i64)]
+    _fields_ = [
+        ("q", _ptr), ("d", _ptr), ("m", _ptr), ("rows", _i64), ("cols", _i64),
+        ("panel_q", _ptr), ("panel_d", _ptr), ("panel_extra", _ptr),
+    ]  # fmt: skip
 
     @classmethod
-    def of(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int, cols: int) -> Blocks:
-        return cls(q.data_ptr(), d.data_ptr(), None if m is None else m.data_ptr(), rows, cols)
+    def of(cls, w, panels: bool = False) -> Blocks:
+        """``w``: a QuantizedTensor; ``panels``: also point at (and build) its int8 panels."""
+        p = w.panels() if panels else None
+        return cls(
+            w.q.data_ptr(), w.d.data_ptr(), None if w.m is None else w.m.data_ptr(), *w.shape,
+            *((p.q.data_ptr(), p.d.data_ptr(), p.extra.data_ptr()) if p is not None else (None, None, None)),
+        )  # fmt: skip
 
 
 class Layer(ctypes.Structure):
@@ -317,7 +359,7 @@ class Step(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in (
             "rows", "hidden", "heads", "kv_heads", "head_dim", "rotary_dim", "inter", "num_blocks", "block_size",
-            "max_blocks", "dot_min_rows",
+            "max_blocks", "dot_min_rows", "int8",
         )),
         ("eps", ctypes.c_float), ("scale", ctypes.c_float),
         *((name, _ptr) for name in (

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 #include <omp.h>
@@ -412,6 +413,179 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
           if (b < nb) a0 = _mm512_dpbf16_ps(a0, W(j, b), (__m512bh)_mm512_loadu_si512(xr + b * kBlock));
           store1(out + r * N + n0 + j, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
         }
+      }
+    }
+  }
+}
+#endif
+
+#if defined(TIDE_AVX512) && defined(__AVX512VNNI__)
+#define TIDE_VNNI 1
+// int8 activations against block weights with VNNI dot products (vpdpbusd: 64 byte products summed into 16
+// int32 lanes per instruction, three times the bf16 dot product rate on the machines we measured), as
+// llama.cpp multiplies its Q4/Q8 weights. The activations are quantized per block of 32 (scale = absmax / 127,
+// rounded to nearest), so this path trades some precision for speed (docs/performance.md measures the drift).
+//
+// The weights are repacked once into panels of 16 rows (QuantizedTensor.panels): for panel g and block b the
+// codes of its 16 rows interleaved 4 bytes at a time, so that one 64-byte vector holds 4 consecutive codes of
+// each row and vpdpbusd against 4 broadcast activation codes gives 16 partial row sums at once.
+//   Q4_1: 256 bytes per (panel, block): vector j (0..3) lane i = code bytes 4j..4j+3 of row i (low nibbles:
+//   elements 4j..4j+3, high nibbles: 16+4j..16+4j+3); d, m as [panels, blocks, 16] fp32.
+//   Q8_0: 512 bytes: vector j (0..7) lane i = codes 4j..4j+3 of row i (signed); d as above, and each row's
+//   code sum per block as int32 [panels, blocks, 16] (vpdpbusd needs an unsigned operand: the activation
+//   codes go in as code + 128 and 128 x the weight codes' sum comes back off).
+
+struct ActI8 {  // x [M, K] quantized per block: codes, codes + 128, scale, and scale x code sum
+  std::vector<int8_t> q;
+  std::vector<uint8_t> u;
+  std::vector<float> d, s;
+};
+
+template <class T>
+void quantize_act_i8(const T* x, int64_t M, int64_t K, bool unsigned_codes, ActI8& a) {
+  const int64_t nb = K / kBlock;
+  a.q.resize(M * K);
+  a.d.resize(M * nb);
+  a.s.resize(M * nb);
+  if (unsigned_codes) a.u.resize(M * K);
+#pragma omp parallel for schedule(static) if (M * K >= 16384)
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t at = r * K + b * kBlock;
+      const __m512 v0 = vloadT(x + at), v1 = vloadT(x + at + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+      const __m128i b0 = _mm512_cvtsepi32_epi8(q0), b1 = _mm512_cvtsepi32_epi8(q1);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + at), b0);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.q.data() + at + 16), b1);
+      if (unsigned_codes) {  // code + 128 == code ^ 0x80 in two's complement
+        const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.u.data() + at), _mm_xor_si128(b0, flip));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.u.data() + at + 16), _mm_xor_si128(b1, flip));
+      }
+      const float d = amax / 127.f;
+      a.d[r * nb + b] = d;
+      a.s[r * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    }
+}
+
+inline __m512i bcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+inline void store16(float* o, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(o, k, v); }
+inline void store16(uint16_t* o, __m512 v, __mmask16 k) {
+  __m512i b = _mm512_castps_si512(v);
+  b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)))), 16);
+  _mm256_mask_storeu_epi16(o, k, _mm512_cvtepi32_epi16(b));
+}
+
+// RT input rows x NG panels (16 NG outputs): RT x NG int32 block sums and as many fp32 accumulators.
+template <bool kQ41, int RT, int NG, class T>
+inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uint8_t* vq, const float* vd,
+                    const void* vm, int64_t g0, int64_t N, T* out) {
+  constexpr int64_t kPanelBytes = kQ41 ? 256 : 512;
+  __m512 acc[RT][NG];
+  for (int r = 0; r < RT; ++r)
+    for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_setzero_ps();
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i s[RT][NG];
+    for (int r = 0; r < RT; ++r)
+      for (int g = 0; g < NG; ++g) s[r][g] = _mm512_setzero_si512();
+    if constexpr (kQ41) {
+      for (int j = 0; j < 4; ++j) {
+        __m512i wl[NG], wh[NG];
+        for (int g = 0; g < NG; ++g) {
+          const __m512i z = _mm512_loadu_si512(vq + ((g0 + g) * nb + b) * kPanelBytes + 64 * j);
+          wl[g] = _mm512_and_si512(z, lo4);
+          wh[g] = _mm512_and_si512(_mm512_srli_epi16(z, 4), lo4);
+        }
+        for (int r = 0; r < RT; ++r) {
+          const int8_t* xr = a.q.data() + (r0 + r) * K + b * kBlock;
+          const __m512i xl = bcast4(xr + 4 * j), xh = bcast4(xr + 16 + 4 * j);
+          for (int g = 0; g < NG; ++g) {
+            s[r][g] = _mm512_dpbusd_epi32(s[r][g], wl[g], xl);
+            s[r][g] = _mm512_dpbusd_epi32(s[r][g], wh[g], xh);
+          }
+        }
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        __m512i w[NG];
+        for (int g = 0; g < NG; ++g) w[g] = _mm512_loadu_si512(vq + ((g0 + g) * nb + b) * kPanelBytes + 64 * j);
+        for (int r = 0; r < RT; ++r) {
+          const __m512i xu = bcast4(a.u.data() + (r0 + r) * K + b * kBlock + 4 * j);
+          for (int g = 0; g < NG; ++g) s[r][g] = _mm512_dpbusd_epi32(s[r][g], xu, w[g]);
+        }
+      }
+    }
+    for (int g = 0; g < NG; ++g) {
+      const int64_t at = ((g0 + g) * nb + b) * 16;
+      const __m512 dw = _mm512_loadu_ps(vd + at);
+      if constexpr (kQ41) {
+        const __m512 mw = _mm512_loadu_ps(static_cast<const float*>(vm) + at);
+        for (int r = 0; r < RT; ++r) {
+          const int64_t xb = (r0 + r) * nb + b;
+          acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][g]), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb])), acc[r][g]);
+          acc[r][g] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[r][g]);
+        }
+      } else {
+        const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(static_cast<const int32_t*>(vm) + at), 7);
+        for (int r = 0; r < RT; ++r) {
+          const __m512 prod = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][g], corr));
+          acc[r][g] = _mm512_fmadd_ps(prod, _mm512_mul_ps(dw, _mm512_set1_ps(a.d[(r0 + r) * nb + b])), acc[r][g]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < NG; ++g) {
+    const int64_t n0 = (g0 + g) * 16;
+    const __mmask16 k = N - n0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n0)) - 1);
+    for (int r = 0; r < RT; ++r) store16(out + (r0 + r) * N + n0, acc[r][g], k);
+  }
+}
+
+template <bool kQ41, int NG, class T>
+inline void i8_rows(const ActI8& a, int64_t r0, int64_t rows, int64_t K, int64_t nb, const uint8_t* vq,
+                    const float* vd, const void* vm, int64_t g0, int64_t N, T* out) {
+  int64_t r = r0;
+  for (; r + 4 <= r0 + rows; r += 4) i8_tile<kQ41, 4, NG>(a, r, K, nb, vq, vd, vm, g0, N, out);
+  switch (r0 + rows - r) {
+    case 3: i8_tile<kQ41, 3, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
+    case 2: i8_tile<kQ41, 2, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
+    case 1: i8_tile<kQ41, 1, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
+    default: break;
+  }
+}
+
+// out [M, N] (T: fp32, or bf16 rounded to nearest even) = x [M, K] (bf16 or fp32) times the panels' W^T.
+template <class X, class T>
+void gemm_i8(const X* x, int64_t M, int64_t K, bool q41, const uint8_t* vq, const float* vd, const void* vm,
+             int64_t N, T* out) {
+  const int64_t nb = K / kBlock;
+  ActI8 a;
+  quantize_act_i8(x, M, K, !q41, a);
+  const int64_t panels = (N + 15) / 16;
+  const int64_t units = (panels + 1) / 2;  // two panels (32 outputs) per unit
+  // Rows in chunks whose codes stay in L2 while a thread's panels pass under them; each thread keeps the
+  // same panels for every chunk (static schedule), so its weights stay in its caches too.
+  const int64_t chunk = std::max<int64_t>(4, (int64_t{1} << 17) / K / 4 * 4);
+#pragma omp parallel if (M * N * K >= (int64_t{1} << 20))
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
+#pragma omp for schedule(static) nowait
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t g0 = 2 * u;
+      if (g0 + 1 < panels) {
+        if (q41) i8_rows<true, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        else i8_rows<false, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+      } else {
+        if (q41) i8_rows<true, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        else i8_rows<false, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
       }
     }
   }
@@ -835,6 +1009,9 @@ struct TideBlocks {
   const float* d;
   const float* m;  // Q4_1 minimums; null for Q8_0
   int64_t rows, cols;
+  const uint8_t* panel_q;  // the same weights in 16-row panels for gemm_i8 (null: not built)
+  const float* panel_d;
+  const void* panel_extra;
 };
 
 struct TideLayer {
@@ -848,6 +1025,7 @@ struct TideLayer {
 struct TideStep {
   int64_t rows, hidden, heads, kv_heads, head_dim, rotary_dim, inter, num_blocks, block_size, max_blocks;
   int64_t dot_min_rows;  // bf16: from this many rows on, vdpbf16ps (0: never), as BlockQuantMethod.matmul picks
+  int64_t int8;  // nonzero: every matmul with int8 activations (gemm_i8), as BlockQuantMethod.matmul does
   float eps, scale;
   const void* cos_sin;  // [rows, rotary_dim] T, each row's cos | sin
   const int64_t* slots;  // [rows] cache slot of each row's new key
@@ -862,7 +1040,13 @@ struct TideStep {
 };
 
 template <class T>
-void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out, int64_t dot_min_rows) {
+void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out, int64_t dot_min_rows, bool int8 = false) {
+#ifdef TIDE_VNNI
+  if (int8 && w.panel_q != nullptr) {
+    gemm_i8(x, M, w.cols, w.m != nullptr, w.panel_q, w.panel_d, w.panel_extra, w.rows, out);
+    return;
+  }
+#endif
 #ifdef TIDE_BF16DP
   if constexpr (sizeof(T) == 2) {
     if (dot_min_rows > 0 && M >= dot_min_rows) {
@@ -904,16 +1088,16 @@ void decode_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, 
     T* kv = static_cast<T*>(L.kv);
     // a += b (the residual stream), normed = norm(a); a becomes the residual.
     rms_norm(a, (l == 0 && !has_residual) ? nullptr : b, static_cast<const T*>(L.norm1), s.eps, M, H, normed);
-    block_linear(L.qkv, normed, M, qkv, s.dot_min_rows);
+    block_linear(L.qkv, normed, M, qkv, s.dot_min_rows, s.int8 != 0);
     rope(qkv, M, nqkv, s.heads + s.kv_heads, D, s.rotary_dim, static_cast<const T*>(s.cos_sin), s.rotary_dim);
     kv_write(qkv + nq, nqkv, qkv + nq + nkv, nqkv, M, nkv, kv, s.num_blocks * s.block_size, s.slots);
     paged_decode_any(qkv, nqkv, s.row_ids, kv, s.num_blocks, s.block_size, s.block_table, s.max_blocks, s.seq_lens,
                      L.window, M, s.heads, s.kv_heads, D, s.scale, attn);
-    block_linear(L.o, attn, M, b, s.dot_min_rows);  // b = o_proj(attn); then b += a, normed = norm(b): b is the residual
+    block_linear(L.o, attn, M, b, s.dot_min_rows, s.int8 != 0);  // b = o_proj(attn); then b += a, normed = norm(b): b is the residual
     rms_norm(b, a, static_cast<const T*>(L.norm2), s.eps, M, H, normed);
-    block_linear(L.gate_up, normed, M, gu, s.dot_min_rows);
+    block_linear(L.gate_up, normed, M, gu, s.dot_min_rows, s.int8 != 0);
     silu_mul(gu, M, s.inter, act);
-    block_linear(L.down, act, M, a, s.dot_min_rows);
+    block_linear(L.down, act, M, a, s.dot_min_rows, s.int8 != 0);
   }
 }
 
@@ -936,12 +1120,12 @@ void tide_q8_0_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const
 // The same with x and out bf16 (x is widened to fp32 once; out is rounded to nearest even).
 void tide_q4_1_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d, const float* m,
                          int64_t N, uint16_t* out) {
-  block_linear(TideBlocks{q, d, m, N, K}, x, M, out, 0);
+  block_linear(TideBlocks{q, d, m, N, K, nullptr, nullptr, nullptr}, x, M, out, 0);
 }
 
 void tide_q8_0_gemm_bf16(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
                          uint16_t* out) {
-  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K}, x, M, out, 0);
+  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K, nullptr, nullptr, nullptr}, x, M, out, 0);
 }
 
 int64_t tide_has_bf16dp();
@@ -950,14 +1134,14 @@ int64_t tide_has_bf16dp();
 int64_t tide_q4_1_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, const float* d,
                               const float* m, int64_t N, uint16_t* out) {
   if (!tide_has_bf16dp()) return 0;
-  block_linear(TideBlocks{q, d, m, N, K}, x, M, out, 1);
+  block_linear(TideBlocks{q, d, m, N, K, nullptr, nullptr, nullptr}, x, M, out, 1);
   return 1;
 }
 
 int64_t tide_q8_0_gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const int8_t* q, const float* d, int64_t N,
                               uint16_t* out) {
   if (!tide_has_bf16dp()) return 0;
-  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K}, x, M, out, 1);
+  block_linear(TideBlocks{reinterpret_cast<const uint8_t*>(q), d, nullptr, N, K, nullptr, nullptr, nullptr}, x, M, out, 1);
   return 1;
 }
 
@@ -981,6 +1165,31 @@ int64_t tide_q8_0_gemm_bf16dp_f32(const uint16_t* x, int64_t M, int64_t K, const
   return 0;
 #endif
 }
+
+int64_t tide_has_vnni() {
+#ifdef TIDE_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// x [M, K] (bf16, or fp32 for the _f32x entries) with int8 VNNI dot products against weights in panels (see
+// gemm_i8); out in bf16 or fp32. Return 0 and do nothing where the build has no VNNI.
+#ifdef TIDE_VNNI
+#define TIDE_I8_ENTRY(name, X, T)                                                                                    \
+  int64_t name(const X* x, int64_t M, int64_t K, int64_t q41, const uint8_t* vq, const float* vd, const void* vm, \
+               int64_t N, T* out) {                                                                                 \
+    gemm_i8(x, M, K, q41 != 0, vq, vd, vm, N, out);                                                                 \
+    return 1;                                                                                                       \
+  }
+#else
+#define TIDE_I8_ENTRY(name, X, T) \
+  int64_t name(const X*, int64_t, int64_t, int64_t, const uint8_t*, const float*, const void*, int64_t, T*) { return 0; }
+#endif
+TIDE_I8_ENTRY(tide_gemm_i8_bf16, uint16_t, uint16_t)
+TIDE_I8_ENTRY(tide_gemm_i8_bf16_f32, uint16_t, float)
+TIDE_I8_ENTRY(tide_gemm_i8_f32, float, float)
 
 int64_t tide_has_bf16dp() {
 #ifdef TIDE_BF16DP

@@ -31,18 +31,20 @@ logger = logging.getLogger(__name__)
 
 def _blocks(linear: nn.Module) -> cpu_kernels.Blocks | None:
     """The layer's weight as kernel blocks, or None unless it is block-quantized without a bias."""
-    if not isinstance(getattr(linear, "linear_method", None), quant_method.BlockQuantLinearMethod):
+    method = getattr(linear, "linear_method", None)
+    if not isinstance(method, quant_method.BlockQuantLinearMethod):
         return None
     if linear.bias is not None:
         return None
-    w = linear.qweight
-    return cpu_kernels.Blocks.of(w.q, w.d, w.m, *w.shape)
+    return cpu_kernels.Blocks.of(linear.qweight, panels=method.block.int8)
 
 
 class FusedDecode:
     """The eligible model's layers as kernel structs; ``run`` takes a step when the step allows it."""
 
-    def __init__(self, model: nn.Module, layers: list[tuple[cpu_kernels.Layer, int]], fmts: set[str]) -> None:
+    def __init__(
+        self, model: nn.Module, layers: list[tuple[cpu_kernels.Layer, int]], fmts: set[str], int8: bool
+    ) -> None:
         self._layers = layers  # (struct without its KV cache pointer, layer index)
         self._array: ctypes.Array | None = None
         self._kv_ptrs: tuple[int, ...] = ()
@@ -64,6 +66,10 @@ class FusedDecode:
         if native and cpu_kernels.has_bf16_dot():
             self.dot_min_rows = quant_method.MIN_DOT_ROWS
             self.max_rows = max(self.max_rows, quant_method.MAX_DOT_ROWS)
+        # int8 activations: every matmul is the int8 kernel, whatever the batch (as BlockQuantMethod.matmul).
+        self.int8 = int8
+        if int8:
+            self.max_rows = 1 << 30
 
     @classmethod
     def build(cls, model: nn.Module) -> FusedDecode | None:
@@ -74,6 +80,7 @@ class FusedDecode:
             return None
         layers: list[tuple[cpu_kernels.Layer, int]] = []
         fmts: set[str] = set()
+        int8s: set[bool] = set()
         for idx, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -95,14 +102,15 @@ class FusedDecode:
             if any(b is None for b in blocks):
                 return None
             fmts.update(lin.qweight.fmt for lin in linears)
+            int8s.update(lin.linear_method.block.int8 for lin in linears)
             window = attn.attn.sliding_window or 0
             struct = cpu_kernels.Layer(
                 norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *blocks, None, window
             )
             layers.append((struct, idx))
-        if not layers:
+        if not layers or len(int8s) != 1:
             return None
-        return cls(model, layers, fmts)
+        return cls(model, layers, fmts, int8s.pop())
 
     def _layer_array(self, kv_caches) -> ctypes.Array:
         """The layer structs with their KV caches (rebuilt only if the cache tensors change)."""
@@ -156,7 +164,7 @@ class FusedDecode:
         table, seq_lens = d.block_table, d.seq_lens
         step = cpu_kernels.Step(
             rows, self.hidden, self.heads, self.kv_heads, self.head_dim, self.rotary_dim, self.inter, num_blocks,
-            block_size, table.shape[1], self.dot_min_rows, self.eps, self.scale, cos.data_ptr(), meta.slot_mapping.data_ptr(),
+            block_size, table.shape[1], self.dot_min_rows, int(self.int8), self.eps, self.scale, cos.data_ptr(), meta.slot_mapping.data_ptr(),
             table.data_ptr(), seq_lens.data_ptr(), d.rows.data_ptr(), *(t.data_ptr() for t in scratch),
         )  # fmt: skip
         cpu_kernels.decode_layers(

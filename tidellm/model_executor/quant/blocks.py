@@ -8,7 +8,7 @@ convert without changing a single weight; anything else is re-quantized (round t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ class QuantizedTensor:
     q: torch.Tensor  # q4_1: [rows, cols/32, 16] uint8 (low nibbles: elements 0-15, high: 16-31); q8_0: int8 [rows, cols/32, 32]
     d: torch.Tensor  # [rows, cols/32] fp32
     m: torch.Tensor | None  # [rows, cols/32] fp32
+    # The same weights repacked for the int8 (VNNI) kernel, built on first use by ``panels()``.
+    _panels: Panels | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, fmt: str, rows: int, cols: int, device: torch.device | str = "cpu") -> QuantizedTensor:
@@ -113,11 +115,51 @@ class QuantizedTensor:
                 f"cannot copy a {src.fmt} {src.shape} shard into a {self.fmt} {self.shape} weight"
             )
         n = src.shape[0]
+        self._panels = None
         self.q[offset : offset + n].copy_(src.q)
         self.d[offset : offset + n].copy_(src.d)
         if self.m is not None:
             self.m[offset : offset + n].copy_(src.m)
 
+    def panels(self) -> Panels:
+        """The weights in 16-row panels for the int8 kernel (cached: built once, ~the size of the blocks)."""
+        if self._panels is None:
+            self._panels = Panels.of(self)
+        return self._panels
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.m) if t is not None)
+
+
+@dataclass
+class Panels:
+    """A block matrix regrouped for vpdpbusd (layout in ``cpu_kernels.cpp``, at ``gemm_i8``): per panel of 16
+    rows and block of 32 columns, the 16 rows' codes interleaved 4 bytes at a time (q4_1: 256 bytes, q8_0:
+    512), their scales as [panels, blocks, 16], and the q4_1 minimums or the q8_0 per-block code sums likewise.
+    Rows are padded to a multiple of 16 with zero weights."""
+
+    q: torch.Tensor  # uint8 [panels, blocks, 256 | 512]
+    d: torch.Tensor  # fp32 [panels, blocks, 16]
+    extra: torch.Tensor  # q4_1: fp32 minimums; q8_0: int32 code sums; [panels, blocks, 16]
+
+    @classmethod
+    def of(cls, w: QuantizedTensor) -> Panels:
+        rows, cols = w.shape
+        nb, panels = cols // BLOCK, -(-rows // 16)
+        pad = panels * 16 - rows
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:  # [rows, nb, ...] -> [panels, 16, nb, ...], zero-padded
+            if pad:
+                t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+            return t.reshape(panels, 16, *t.shape[1:])
+
+        width = 16 if w.fmt == "q4_1" else 32  # code bytes per row and block
+        codes = grouped(w.q.view(torch.uint8)).reshape(panels, 16, nb, width // 4, 4)
+        q = codes.permute(0, 2, 3, 1, 4).reshape(panels, nb, 16 * width).contiguous()
+        d = grouped(w.d).transpose(1, 2).contiguous()
+        if w.fmt == "q4_1":
+            extra = grouped(w.m).transpose(1, 2).contiguous()
+        else:
+            extra = grouped(w.q.sum(-1, dtype=torch.int32)).transpose(1, 2).contiguous()
+        return cls(q, d, extra)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidellm.config.engine import QUANTIZATION_CHOICES
+from tidellm.config.engine import ACTIVATION_QUANTIZATION_CHOICES, QUANTIZATION_CHOICES
 from tidellm.model_executor.kernels import cpu as cpu_kernels
 from tidellm.model_executor.layers.embedding import LMHead, VocabEmbedding
 from tidellm.model_executor.layers.fused_moe import FusedMoE
@@ -61,11 +61,12 @@ class DenseScratch:
 class BlockQuantMethod:
     """Stores and multiplies one block format."""
 
-    def __init__(self, fmt: str, scratch: DenseScratch) -> None:
+    def __init__(self, fmt: str, scratch: DenseScratch, int8: bool = False) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"unknown block format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.scratch = scratch
+        self.int8 = int8  # activations quantized to int8 per block, int8 dot products (see int8_activations)
 
     def empty(self, rows: int, cols: int) -> QuantizedTensor:
         return QuantizedTensor.empty(self.fmt, rows, cols)
@@ -84,13 +85,17 @@ class BlockQuantMethod:
         target.copy_rows_(offset, loaded)
 
     def matmul(self, x: torch.Tensor, w: QuantizedTensor, fp32_out: bool = False) -> torch.Tensor:
-        """x [..., K] -> x W^T [..., N]. Small batches: the block kernel (fp32 math), the result in x's dtype
+        """x [..., K] -> x W^T [..., N]. With int8 activations: the VNNI kernel for every batch size. Else small
+        batches: the block kernel (fp32 math), the result in x's dtype
         (fp32 or bf16, rounded once), or fp32 with ``fp32_out``; bf16 batches of MIN_DOT_ROWS..MAX_DOT_ROWS
         rows on AVX-512 BF16 CPUs: vdpbf16ps on bf16-rounded weights (the result likewise in bf16 or, with
         ``fp32_out``, fp32). Larger ones: the GEMM on weights widened to fp32, or to bf16 when x is bf16 and
         the CPU multiplies bf16 natively (about 4x the fp32 GEMM on AVX-512 BF16 machines)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if self.int8 and x2.dtype in (torch.float32, torch.bfloat16):
+            out_dtype = torch.float32 if fp32_out else x2.dtype
+            return cpu_kernels.matmul_i8(x2.contiguous(), w, out_dtype).view(*lead, w.shape[0])
         bf16 = x2.dtype == torch.bfloat16 and cpu_has_native_bf16()
         if bf16 and MIN_DOT_ROWS <= x2.shape[0] <= MAX_DOT_ROWS and cpu_kernels.has_bf16_dot():
             out_dtype = torch.float32 if fp32_out else torch.bfloat16
@@ -164,8 +169,32 @@ def plan_quantization(method: str, source, device: torch.device) -> tuple[dict[s
     return {}, method
 
 
-def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | None) -> set[str]:
-    """Swap the layers whose checkpoint weights the plan covers to block storage (before loading).
+def int8_activations(setting: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether block matmuls quantize their activations to int8 (``--activation-quantization``).
+
+    ``auto``: where the CPU has AVX-512 VNNI and the model runs in bf16 (already the reduced-precision mode;
+    fp32 stays exact). ``int8``: also in fp32; an error without the kernel. ``none``: never."""
+    if setting not in ACTIVATION_QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"activation_quantization must be one of {', '.join(ACTIVATION_QUANTIZATION_CHOICES)} "
+            f"(got {setting!r})."
+        )
+    if setting == "none" or device.type != "cpu":
+        return False
+    has = cpu_kernels.available() and cpu_kernels.has_vnni()
+    if setting == "int8" and not has:
+        raise ValueError(
+            "activation_quantization='int8' needs the CPU kernels built for a CPU with AVX-512 VNNI, which "
+            "this machine lacks; use activation_quantization='none' (or 'auto')."
+        )
+    return has and (setting == "int8" or dtype == torch.bfloat16)
+
+
+def apply_quantization(
+    model: nn.Module, plan: dict[str, str], default: str | None, int8: bool = False
+) -> set[str]:
+    """Swap the layers whose checkpoint weights the plan covers to block storage (before loading); with
+    ``int8``, their matmuls take int8 activations.
 
     A merged layer (qkv, gate_up) is converted only when all its shards agree on a format. Returns the
     checkpoint names that should be streamed as blocks when the file has them."""
@@ -186,7 +215,7 @@ def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | No
         if len(fmts) != 1 or None in fmts or any(size % BLOCK for size in module_input_sizes(module)):
             continue
         fmt = fmts.pop()
-        block = methods.setdefault(fmt, BlockQuantMethod(fmt, scratch))
+        block = methods.setdefault(fmt, BlockQuantMethod(fmt, scratch, int8))
         if isinstance(module, Linear):
             module.set_linear_method(BlockQuantLinearMethod(block), torch.device("cpu"))
         else:
@@ -194,8 +223,9 @@ def apply_quantization(model: nn.Module, plan: dict[str, str], default: str | No
         kept.update(names)
     if kept:
         logger.info(
-            "Weights held as blocks: %d checkpoint tensors (%s)", len(kept), ", ".join(sorted(methods))
-        )
+            "Weights held as blocks: %d checkpoint tensors (%s)%s", len(kept), ", ".join(sorted(methods)),
+            "; activations in int8 (VNNI)" if int8 else "",
+        )  # fmt: skip
     return kept
 
 
