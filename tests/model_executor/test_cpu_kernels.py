@@ -240,6 +240,50 @@ def test_paged_decode_bf16_matches_fp32(dim: int, heads: int, kv_heads: int) -> 
         cpu_kernels.paged_decode(q, rows, kv.float(), table, seq_lens, 0.25, out16)
 
 
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_step_attention_in_one_kernel_call(
+    dtype: torch.dtype, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of decodes, a prefill chunk after a cached prefix and a fresh prompt: on CPU every query row
+    goes to the in-place kernel as a query with its own causal length (AttentionMetadata.query_rows), in one
+    call; the SDPA path (gathers, masks, one call per chunk) gives the same attention."""
+    from tidellm.model_executor.layers.attention.sdpa_backend import paged_sdpa_attention
+
+    torch.manual_seed(4)
+    heads, kv_heads, dim, bs, num_blocks = 6, 2, 64, 4, 40
+    kv = torch.randn(2, num_blocks, bs, kv_heads, dim).to(dtype)
+    q_lens = np.array([1, 4, 1, 6])  # decode, chunk after 7 cached tokens, decode, fresh 6-token prompt
+    seq_lens = np.array([9, 11, 13, 6])
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    table = np.random.default_rng(2).permutation(num_blocks)[:16].reshape(4, 4)
+    slots = [
+        int(table[r, p // bs]) * bs + p % bs
+        for r in range(4)
+        for p in range(seq_lens[r] - q_lens[r], seq_lens[r])
+    ]
+    meta = AttentionMetadata.build(
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
+        block_size=bs, device=torch.device("cpu"),
+    ).for_window(window or None)  # fmt: skip
+    rows = meta.query_rows()
+    assert rows.seq_lens.tolist() == [9, 8, 9, 10, 11, 13, 1, 2, 3, 4, 5, 6]
+    assert rows.window == window
+    n = int(qsl[-1])
+    q = torch.randn(n, heads, dim).to(dtype)
+    k = kv[0].view(-1, kv_heads, dim)[slots]  # this step's keys and values, as already written to the cache
+    v = kv[1].view(-1, kv_heads, dim)[slots]
+    calls = []
+    real = cpu_kernels.paged_decode
+    monkeypatch.setattr(cpu_kernels, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    got = paged_sdpa_attention(q, k, v, kv, meta, 0.25)
+    assert len(calls) == 1
+    monkeypatch.setattr(sdpa_backend, "_use_cpu_kernel", lambda q, kv_cache: False)
+    ref = paged_sdpa_attention(q, k, v, kv, meta, 0.25)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
 def _windowed_reference(q, kv, table, seq_lens, rows, window, scale):
     """Attention of each decode query over the keys at positions > len - 1 - window, from the table."""
     heads, kv_heads = q.shape[1], kv.shape[3]

@@ -56,6 +56,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
     monkeypatch.setattr(F, "rms_norm", count("slow_rms_norm", F.rms_norm))
     monkeypatch.setattr(F, "linear", count("linear", F.linear))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", count("sdpa", F.scaled_dot_product_attention))
     return calls
 
 
@@ -81,8 +82,10 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm, monkeypatch: pytest.Monke
     layers = model.arch.num_hidden_layers
     decode_steps = 5  # the first token comes from the prefill step
     # Each decode step runs its 30 layers in one compiled call (models/fused_decode.py); Python calls only the
-    # final norm and the LM head.
-    assert calls["decode_layers"] == decode_steps and calls["paged_decode"] == 0
+    # final norm and the LM head. The prefill step's attention reads the cache in place too: one kernel call
+    # per layer for both prompts' tokens, no SDPA.
+    assert calls["decode_layers"] == decode_steps and calls["paged_decode"] == layers
+    assert calls["sdpa"] == 0
     assert calls["rms_norm"] == (2 * layers + 1) + decode_steps
     # prompts are a few tokens: every matmul (and the LM head) goes through a block kernel: with int8
     # activations (bf16 on AVX-512 VNNI CPUs) the int8 one, else the fp32 one (bf16 batches of 4+ rows on

@@ -72,6 +72,18 @@ class PrefillChunk:
 
 
 @dataclass
+class QueryRows:
+    """Every query row of the step as a one-query attention over the paged cache, for kernels that read the
+    cache in place: a prefill token at position p is a decode with p + 1 keys (the causal mask, and a
+    sliding window, follow from its length), so decodes and prefill chunks run in one call."""
+
+    rows: torch.Tensor  # [T] int64: 0..T-1
+    seq_lens: torch.Tensor  # [T] int64: position + 1
+    block_table: torch.Tensor  # [T, ceil(max seq_len / block_size)] int64: the row's request's blocks
+    window: int  # 0: none
+
+
+@dataclass
 class _Layout:
     """The step's layout on the host, kept to derive sliding-window views."""
 
@@ -93,6 +105,7 @@ class AttentionMetadata:
     workspace: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _layout: _Layout | None = field(default=None, repr=False)
     _views: dict[int, AttentionMetadata] = field(default_factory=dict, repr=False)
+    _query_rows: QueryRows | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -146,9 +159,28 @@ class AttentionMetadata:
                 view = self
             else:
                 decode, prefills = _derive(layout, self.block_size, window)
-                view = replace(self, decode=decode, prefills=prefills, window=window)
+                view = replace(self, decode=decode, prefills=prefills, window=window, _query_rows=None)
             self._views[window] = view
         return view
+
+    def query_rows(self) -> QueryRows:
+        """The step's query rows for in-place kernels (built on first use, shared by the layers)."""
+        if self._query_rows is None:
+            layout = self._layout
+            if layout is None:
+                raise ValueError("this metadata was not built from a step layout")
+            qsl, seq = layout.query_start_loc, layout.seq_lens
+            q_lens = np.diff(qsl)
+            req = np.repeat(np.arange(len(q_lens)), q_lens)  # [T] request of each row
+            pos = np.arange(self.num_tokens) - qsl[req] + (seq - q_lens)[req]
+            table = layout.block_table[req, : _cdiv(int(seq.max()), self.block_size)]
+            self._query_rows = QueryRows(
+                rows=torch.arange(self.num_tokens, device=layout.device),
+                seq_lens=torch.from_numpy(pos + 1).to(layout.device),
+                block_table=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(layout.device),
+                window=self.window,
+            )
+        return self._query_rows
 
     def buffer(
         self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -1,15 +1,17 @@
 """Paged attention on ``torch.nn.functional.scaled_dot_product_attention``: the reference backend, the
 one used on CPU, and correct unchanged on CUDA.
 
-On CPU in fp32, decodes (one query each) run in one compiled call that reads each request's K/V straight
-from its blocks (``kernels/cpu.paged_decode``). Elsewhere they are batched: their K/V blocks are gathered from the paged cache into a contiguous
+On CPU (fp32 or bf16), decodes (one query each) run in one compiled call that reads each request's K/V
+straight from its blocks (``kernels/cpu.paged_decode``); so do steps with prefill chunks, whose every token
+is handed to the same kernel as a query with its own causal length (``AttentionMetadata.query_rows``): one
+call per layer instead of a gather and an SDPA call per request. Elsewhere they are batched: their K/V blocks are gathered from the paged cache into a contiguous
 buffer [n, max_len, kv_heads, D] and attended in one SDPA call per chunk of requests. Grouped-query
 attention is done by folding the query heads that share a KV head into SDPA's query-length axis
 (q [n, kv_heads, group, D]); that needs no K/V expansion and is the fastest form on CPU in fp32 and bf16.
 On CPU the decodes are processed in chunks of a few MiB so the gathered K/V is still in cache when SDPA
 reads it; on GPUs there is one chunk.
 
-Prefill chunks run one request at a time: without a cached prefix on their own fresh K/V with
+Elsewhere prefill chunks run one request at a time: without a cached prefix on their own fresh K/V with
 ``is_causal``; with one, on their blocks gathered from the cache and a causal mask shifted by the prefix.
 
 Sliding-window layers get metadata already cut to their window (``AttentionMetadata.for_window``): the kernel
@@ -39,6 +41,11 @@ def paged_sdpa_attention(
     """Attention output [T, H * D] for every query row of the step."""
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads, head_dim)
+    if meta.prefills and _use_cpu_kernel(q, kv_cache):
+        # Every row, prefill tokens included, in one in-place call (a token at position p: p + 1 keys).
+        r = meta.query_rows()
+        cpu_kernels.paged_decode(q, r.rows, kv_cache, r.block_table, r.seq_lens, scale, out, r.window)
+        return out.view(num_tokens, num_heads * head_dim)
     if meta.decode is not None:
         if _use_cpu_kernel(q, kv_cache):
             d = meta.decode
