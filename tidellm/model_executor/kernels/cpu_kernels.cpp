@@ -824,6 +824,8 @@ inline void decode_values_bf16(const uint16_t* v_h, const int64_t* slot, int64_t
     for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < L; ++t) {
     const uint16_t* v = v_h + slot[t] * tok_stride;
+    if (t + 8 < L)
+      for (int c = 0; c < D; c += 32) _mm_prefetch(reinterpret_cast<const char*>(v_h + slot[t + 8] * tok_stride + c), _MM_HINT_T0);
     __m512 w[C];
     for (int c = 0; c < C2; ++c) {
       const __m512i x = _mm512_loadu_si512(v + 32 * c);
@@ -856,6 +858,13 @@ inline void decode_task_bf16dp(const uint16_t* qh, float scale, const uint16_t* 
   constexpr int C2 = D / 32;
   const __m512 vscale = _mm512_set1_ps(scale);
   float sums[64];
+  // The task's key and value rows are scattered over the cache and usually not in any cache yet: ask for
+  // all of them up front (into L2), so the misses overlap instead of arriving one row at a time.
+  for (int64_t t = 0; t < L; ++t)
+    for (int c = 0; c < D; c += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(k_h + slot[t] * tok_stride + c), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(v_h + slot[t] * tok_stride + c), _MM_HINT_T1);
+    }
   for (int64_t g = 0; g < G; ++g) {
     __m512bh qv[C2];
     for (int c = 0; c < C2; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qh + g * D + 32 * c);
@@ -864,6 +873,10 @@ inline void decode_task_bf16dp(const uint16_t* qh, float scale, const uint16_t* 
       const int n = static_cast<int>(L - t0 < 16 ? L - t0 : 16);
       __m512 acc[16];
       for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      if (t0 + 16 < L) {  // the next group's key rows: the cache is cold and the blocks scattered
+        for (int i = 0; i < 16; ++i)
+          for (int c = 0; c < D; c += 32) _mm_prefetch(reinterpret_cast<const char*>(k_h + slot[t0 + 16 + i] * tok_stride + c), _MM_HINT_T0);
+      }
       for (int i = 0; i < 16; ++i) {  // all 16 (slot is padded), so acc stays in registers; extra sums unused
         const uint16_t* k = k_h + slot[t0 + i] * tok_stride;
         for (int c = 0; c < C2; ++c) acc[i] = _mm512_dpbf16_ps(acc[i], qv[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
