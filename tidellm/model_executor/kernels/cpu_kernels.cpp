@@ -549,16 +549,15 @@ inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uin
   }
 }
 
-template <bool kQ41, int NG, class T>
+// Row tiles of RT rows, then the rest in one smaller tile. RT: 4 for Q4_1 (its unpacked nibbles take registers),
+// 6 for Q8_0 (LM head at 64 rows 3.6 -> 3.1 ms).
+template <bool kQ41, int RT, int NG, class T>
 inline void i8_rows(const ActI8& a, int64_t r0, int64_t rows, int64_t K, int64_t nb, const uint8_t* vq,
                     const float* vd, const void* vm, int64_t g0, int64_t N, T* out) {
-  int64_t r = r0;
-  for (; r + 4 <= r0 + rows; r += 4) i8_tile<kQ41, 4, NG>(a, r, K, nb, vq, vd, vm, g0, N, out);
-  switch (r0 + rows - r) {
-    case 3: i8_tile<kQ41, 3, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
-    case 2: i8_tile<kQ41, 2, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
-    case 1: i8_tile<kQ41, 1, NG>(a, r, K, nb, vq, vd, vm, g0, N, out); break;
-    default: break;
+  if constexpr (RT > 0) {
+    int64_t r = r0;
+    for (; r + RT <= r0 + rows; r += RT) i8_tile<kQ41, RT, NG>(a, r, K, nb, vq, vd, vm, g0, N, out);
+    if (r < r0 + rows) i8_rows<kQ41, RT - 1, NG>(a, r, r0 + rows - r, K, nb, vq, vd, vm, g0, N, out);
   }
 }
 
@@ -581,11 +580,11 @@ void gemm_i8(const X* x, int64_t M, int64_t K, bool q41, const uint8_t* vq, cons
     for (int64_t u = 0; u < units; ++u) {
       const int64_t g0 = 2 * u;
       if (g0 + 1 < panels) {
-        if (q41) i8_rows<true, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
-        else i8_rows<false, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        if (q41) i8_rows<true, 4, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        else i8_rows<false, 6, 2>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
       } else {
-        if (q41) i8_rows<true, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
-        else i8_rows<false, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        if (q41) i8_rows<true, 4, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
+        else i8_rows<false, 6, 1>(a, m0, rows, K, nb, vq, vd, vm, g0, N, out);
       }
     }
   }
