@@ -22,7 +22,12 @@ from tidellm.model_executor.forward_context import set_forward_context
 from tidellm.model_executor.layers.attention import AttentionMetadata, layer_windows
 from tidellm.model_executor.loader import ModelLoadError, ModelSource
 from tidellm.model_executor.models.registry import get_model_class
-from tidellm.model_executor.quant.method import apply_quantization, int8_activations, plan_quantization
+from tidellm.model_executor.quant.method import (
+    apply_quantization,
+    build_int8_panels,
+    int8_activations,
+    plan_quantization,
+)
 from tidellm.platforms import available_memory_bytes
 from tidellm.sample.bitmask import unpack_bitmask
 from tidellm.sample.metadata import RowState, SamplingMetadata
@@ -215,9 +220,10 @@ def load_model(
     keep_blocks = apply_quantization(model, plan, default_fmt, int8)
     model.load_weights(source.iter_weights(frozenset(keep_blocks)))
     model.eval()
+    panel_bytes = build_int8_panels(model) if int8 else 0  # now, not in the first request
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = [m.qweight for m in model.modules() if getattr(m, "qweight", None) is not None]
-    weight_bytes += sum(b.nbytes for b in blocks)
+    weight_bytes += sum(b.nbytes for b in blocks) + panel_bytes
     return model, weight_bytes
 
 

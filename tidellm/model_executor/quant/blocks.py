@@ -143,6 +143,10 @@ class Panels:
     d: torch.Tensor  # fp32 [panels, blocks, 16]
     extra: torch.Tensor  # q4_1: fp32 minimums; q8_0: int32 code sums; [panels, blocks, 16]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.extra))
+
     @classmethod
     def of(cls, w: QuantizedTensor) -> Panels:
         rows, cols = w.shape

@@ -229,6 +229,23 @@ def apply_quantization(
     return kept
 
 
+def build_int8_panels(model: nn.Module) -> int:
+    """Repack every block weight whose matmuls take int8 activations into the int8 kernel's panels (at load:
+    they would otherwise be built in the first request); their bytes. MoE experts build theirs on first use."""
+    total = 0
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        block = (
+            method.block
+            if isinstance(method, BlockQuantLinearMethod)
+            else getattr(module, "quant_method", None)
+        )
+        w = getattr(module, "qweight", None)
+        if isinstance(block, BlockQuantMethod) and block.int8 and isinstance(w, QuantizedTensor):
+            total += w.panels().nbytes
+    return total
+
+
 def module_input_sizes(module: nn.Module) -> tuple[int, ...]:
     """The row lengths of the module's matrices (each must be whole blocks)."""
     if isinstance(module, Linear):
