@@ -184,26 +184,34 @@ def test_rms_norm_kernel_bf16(rows: int) -> None:
         cpu_kernels.rms_norm(x, None, w.float(), 1e-5)
 
 
+def _step(
+    q_lens: list[int], seq_lens: list[int], table: np.ndarray, bs: int
+) -> tuple[AttentionMetadata, list[int]]:
+    """A step's attention metadata (requests with these query and context lengths, blocks from ``table``) and
+    the cache slots of its tokens."""
+    q_lens, seq_lens = np.array(q_lens), np.array(seq_lens)
+    slots = [
+        int(table[r, p // bs]) * bs + p % bs
+        for r in range(len(q_lens))
+        for p in range(seq_lens[r] - q_lens[r], seq_lens[r])
+    ]
+    meta = AttentionMetadata.build(
+        query_start_loc=np.concatenate([[0], np.cumsum(q_lens)]), seq_lens=seq_lens, block_table=table,
+        slot_mapping=np.array(slots), block_size=bs, device=torch.device("cpu"),
+    )  # fmt: skip
+    return meta, slots
+
+
 @pytest.mark.parametrize("dim", [16, 64])
 def test_paged_decode_matches_gathered_sdpa(dim: int) -> None:
     """Decodes of different lengths, interleaved with a prefill chunk, from scattered blocks."""
     torch.manual_seed(0)
     heads, kv_heads, bs, num_blocks = 6, 2, 4, 40
     kv = torch.randn(2, num_blocks, bs, kv_heads, dim)
-    seq_lens = np.array([9, 5, 13, 1])  # request 1 is a 3-token prefill chunk (prefix 2)
-    q_lens = np.array([1, 3, 1, 1])
-    qsl = np.concatenate([[0], np.cumsum(q_lens)])
-    perm = np.random.default_rng(0).permutation(num_blocks)
-    table = perm[:16].reshape(4, 4)
-    slots = [
-        int(table[r, p // bs]) * bs + p % bs
-        for r in range(4)
-        for p in range(seq_lens[r] - q_lens[r], seq_lens[r])
-    ]
-    meta = AttentionMetadata.build(
-        query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
-        block_size=bs, device=torch.device("cpu"),
-    )  # fmt: skip
+    table = np.random.default_rng(0).permutation(num_blocks)[:16].reshape(4, 4)
+    # request 1 is a 3-token prefill chunk (prefix 2)
+    meta, _ = _step([1, 3, 1, 1], [9, 5, 13, 1], table, bs)
+    qsl = np.array([0, 1, 4, 5, 6])
     q = torch.randn(int(qsl[-1]), heads + kv_heads, dim)[:, :heads]  # a strided view, like the model's
     d = meta.decode
     out = torch.zeros(int(qsl[-1]), heads, dim)
@@ -253,23 +261,14 @@ def test_mixed_step_attention_in_one_kernel_call(
     torch.manual_seed(4)
     heads, kv_heads, dim, bs, num_blocks = 6, 2, 64, 4, 40
     kv = torch.randn(2, num_blocks, bs, kv_heads, dim).to(dtype)
-    q_lens = np.array([1, 4, 1, 6])  # decode, chunk after 7 cached tokens, decode, fresh 6-token prompt
-    seq_lens = np.array([9, 11, 13, 6])
-    qsl = np.concatenate([[0], np.cumsum(q_lens)])
     table = np.random.default_rng(2).permutation(num_blocks)[:16].reshape(4, 4)
-    slots = [
-        int(table[r, p // bs]) * bs + p % bs
-        for r in range(4)
-        for p in range(seq_lens[r] - q_lens[r], seq_lens[r])
-    ]
-    meta = AttentionMetadata.build(
-        query_start_loc=qsl, seq_lens=seq_lens, block_table=table, slot_mapping=np.array(slots),
-        block_size=bs, device=torch.device("cpu"),
-    ).for_window(window or None)  # fmt: skip
+    # a decode, a chunk after 7 cached tokens, a decode, a fresh 6-token prompt
+    meta, slots = _step([1, 4, 1, 6], [9, 11, 13, 6], table, bs)
+    meta = meta.for_window(window or None)
     rows = meta.query_rows()
     assert rows.seq_lens.tolist() == [9, 8, 9, 10, 11, 13, 1, 2, 3, 4, 5, 6]
     assert rows.window == window
-    n = int(qsl[-1])
+    n = len(slots)
     q = torch.randn(n, heads, dim).to(dtype)
     k = kv[0].view(-1, kv_heads, dim)[slots]  # this step's keys and values, as already written to the cache
     v = kv[1].view(-1, kv_heads, dim)[slots]

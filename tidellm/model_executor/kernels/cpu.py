@@ -111,18 +111,14 @@ def library() -> ctypes.CDLL:
     for name in ("tide_kv_write", "tide_kv_write_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr]
         getattr(lib, name).restype = None
-    lib.tide_q4_1_gemm_bf16dp.argtypes = lib.tide_q4_1_gemm.argtypes
-    lib.tide_q4_1_gemm_bf16dp.restype = _i64
-    lib.tide_q8_0_gemm_bf16dp.argtypes = lib.tide_q8_0_gemm.argtypes
-    lib.tide_q8_0_gemm_bf16dp.restype = _i64
+    for fmt in ("q4_1", "q8_0"):  # the vdpbf16ps entries take the block kernel's arguments, bf16 or fp32 out
+        for out in ("", "_f32"):
+            getattr(lib, f"tide_{fmt}_gemm_bf16dp{out}").argtypes = getattr(lib, f"tide_{fmt}_gemm").argtypes
+            getattr(lib, f"tide_{fmt}_gemm_bf16dp{out}").restype = _i64
     lib.tide_has_vnni.restype = _i64
     for name in ("tide_gemm_i8_bf16", "tide_gemm_i8_bf16_f32", "tide_gemm_i8_f32"):
         getattr(lib, name).argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
         getattr(lib, name).restype = _i64
-    lib.tide_q4_1_gemm_bf16dp_f32.argtypes = lib.tide_q4_1_gemm.argtypes
-    lib.tide_q4_1_gemm_bf16dp_f32.restype = _i64
-    lib.tide_q8_0_gemm_bf16dp_f32.argtypes = lib.tide_q8_0_gemm.argtypes
-    lib.tide_q8_0_gemm_bf16dp_f32.restype = _i64
     lib.tide_has_bf16dp.restype = _i64
     for name in ("tide_decode_layers", "tide_decode_layers_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
