@@ -2,8 +2,9 @@
 
 All index bookkeeping happens here, in NumPy, once: which flattened rows are decodes (query length 1,
 batched into one gather + one SDPA call), which are prefill chunks (handled one request at a time, with a
-causal mask shifted by the cached prefix), and the block ids each of them reads from the paged cache.
-The layers only slice these tensors.
+causal mask shifted by the cached prefix), and the block ids each of them reads from the paged cache; and,
+for kernels that read the cache in place, every row as a query with its own context length
+(``query_rows``). The layers only slice these tensors.
 
 Sliding-window layers (a query at position p sees only keys at positions > p - window, the convention of
 transformers' Mistral and Gemma 3) ask for ``for_window(window)``: the same step with each request's key

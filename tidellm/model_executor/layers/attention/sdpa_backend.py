@@ -4,15 +4,16 @@ one used on CPU, and correct unchanged on CUDA.
 On CPU (fp32 or bf16), decodes (one query each) run in one compiled call that reads each request's K/V
 straight from its blocks (``kernels/cpu.paged_decode``); so do steps with prefill chunks, whose every token
 is handed to the same kernel as a query with its own causal length (``AttentionMetadata.query_rows``): one
-call per layer instead of a gather and an SDPA call per request. Elsewhere they are batched: their K/V blocks are gathered from the paged cache into a contiguous
-buffer [n, max_len, kv_heads, D] and attended in one SDPA call per chunk of requests. Grouped-query
-attention is done by folding the query heads that share a KV head into SDPA's query-length axis
-(q [n, kv_heads, group, D]); that needs no K/V expansion and is the fastest form on CPU in fp32 and bf16.
-On CPU the decodes are processed in chunks of a few MiB so the gathered K/V is still in cache when SDPA
-reads it; on GPUs there is one chunk.
+call per layer instead of a gather and an SDPA call per request.
 
-Elsewhere prefill chunks run one request at a time: without a cached prefix on their own fresh K/V with
-``is_causal``; with one, on their blocks gathered from the cache and a causal mask shifted by the prefix.
+Elsewhere (GPUs, or CPUs without the compiled kernels) decodes are batched: their K/V blocks are gathered from
+the paged cache into a contiguous buffer [n, max_len, kv_heads, D] and attended in one SDPA call per chunk of
+requests. Grouped-query attention is done by folding the query heads that share a KV head into SDPA's
+query-length axis (q [n, kv_heads, group, D]); that needs no K/V expansion and is the fastest form on CPU in
+fp32 and bf16. On CPU the decodes are processed in chunks of a few MiB so the gathered K/V is still in cache
+when SDPA reads it; on GPUs there is one chunk. Prefill chunks run one request at a time: without a cached
+prefix on their own fresh K/V with ``is_causal``; with one, on their blocks gathered from the cache and a
+causal mask shifted by the prefix.
 
 Sliding-window layers get metadata already cut to their window (``AttentionMetadata.for_window``): the kernel
 starts at each request's window, the gathers take only the window's blocks, and the masks drop older keys.
