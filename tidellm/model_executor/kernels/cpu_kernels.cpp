@@ -493,6 +493,10 @@ inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uin
     for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_setzero_ps();
   const __m512i lo4 = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
+    if (r0 == 0 && b + 4 < nb)  // the first row tile streams the panels in: ask for them a few blocks ahead
+      for (int g = 0; g < NG; ++g)
+        for (int64_t c = 0; c < kPanelBytes; c += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(vq + ((g0 + g) * nb + b + 4) * kPanelBytes + c), _MM_HINT_T0);
     __m512i s[RT][NG];
     for (int r = 0; r < RT; ++r)
       for (int g = 0; g < NG; ++g) s[r][g] = _mm512_setzero_si512();
