@@ -759,6 +759,9 @@ void rope(T* x, int64_t ntok, int64_t ldx, int64_t n, int64_t D, int64_t R, cons
 template <class T>
 void kv_write(const T* k, int64_t ldk, const T* v, int64_t ldv, int64_t ntok, int64_t row, T* kv, int64_t slots,
               const int64_t* slot) {
+  // The destinations are scattered and rarely cached (each store first reads its line from memory): both
+  // threads for a batch's worth of rows.
+#pragma omp parallel for schedule(static) if (ntok >= 16)
   for (int64_t t = 0; t < ntok; ++t) {
     std::memcpy(kv + slot[t] * row, k + t * ldk, row * sizeof(T));
     std::memcpy(kv + (slots + slot[t]) * row, v + t * ldv, row * sizeof(T));
