@@ -456,6 +456,11 @@ def test_int8_kernel(fmt: str) -> None:
             got32 = cpu_kernels.matmul_i8(xb, qt, torch.float32)
             torch.testing.assert_close(got32, ref16, rtol=1e-5, atol=1e-5)
             assert torch.equal(cpu_kernels.matmul_i8(xb, qt), got32.bfloat16())
+    # a NaN activation reaches its row's outputs as NaN (as in the bf16 path), not as finite codes
+    x = torch.randn(2, 160)
+    x[0, 37] = float("nan")
+    y = cpu_kernels.matmul_i8(x, qt)
+    assert y[0].isnan().all() and not y[1].isnan().any()
     # a matrix changed after its panels were built gets new ones
     qt.copy_rows_(0, QuantizedTensor.quantize(torch.ones(2, 160), fmt))
     x = torch.randn(3, 160)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -464,7 +465,10 @@ void quantize_act_i8(const T* x, int64_t M, int64_t K, bool unsigned_codes, ActI
         _mm_storeu_si128(reinterpret_cast<__m128i*>(a.u.data() + at), _mm_xor_si128(b0, flip));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(a.u.data() + at + 16), _mm_xor_si128(b1, flip));
       }
-      const float d = amax / 127.f;
+      // A NaN input (max and the conversions drop it) makes the block's scale NaN, so it reaches the output
+      // as NaN, as the bf16 path would pass it on, instead of turning into finite codes.
+      const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
+      const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
       a.d[r * nb + b] = d;
       a.s[r * nb + b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
