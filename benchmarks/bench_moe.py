@@ -26,15 +26,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_flags_line() -> str:
-    """The SIMD flags that matter for the GEMMs (avx2 / avx512* / amx*), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
+from tidellm.platforms import simd_flags
 
 
 def write_tokenizer(folder: Path, vocab: int) -> None:
@@ -123,7 +115,7 @@ def main() -> None:
         for b in args.batch
     }
     results = []
-    print(f"cpu flags: {cpu_flags_line()}")
+    print(f"cpu flags: {simd_flags()}")
     print(f"torch threads: {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         folders = build_folders(Path(tmp), args)
@@ -155,7 +147,7 @@ def main() -> None:
             }
             print(f"{dtype:8s} batch {batch:3d}: moe / dense = {by['moe'] / by['dense']:.2f}")
     if args.json:
-        meta = dict(cpu_flags=cpu_flags_line(), machine=platform.machine(), threads=torch.get_num_threads())
+        meta = dict(cpu_flags=simd_flags(), machine=platform.machine(), threads=torch.get_num_threads())
         args.json.write_text(
             json.dumps(
                 {"args": vars(args) | {"json": str(args.json)}, "meta": meta, "results": results}, indent=2

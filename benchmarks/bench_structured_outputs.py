@@ -31,22 +31,13 @@ sys.path.insert(0, str(ROOT / "tests" / "structured_output"))
 from schemas import SCHEMAS  # noqa: E402
 
 from tidellm import LLM, SamplingParams  # noqa: E402
+from tidellm.platforms import simd_flags  # noqa: E402
 from tidellm.sample.params import StructuredOutputsParams  # noqa: E402
 from tidellm.structured_output.spec import grammar_spec  # noqa: E402
 
 PERSON = SCHEMAS["person"][1]
 LONG_SCHEMA = {"type": "array", "items": PERSON, "minItems": 1000}
 PROMPT = [{"role": "user", "content": "List many people (name, age, email) as JSON."}]
-
-
-def cpu_flags_line() -> str:
-    """The SIMD flags that matter for the GEMMs (avx2 / avx512* / amx*), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
 
 
 class GrammarTimer:
@@ -165,7 +156,7 @@ def main() -> None:
     import torch
 
     meta = {
-        "cpu_flags": cpu_flags_line(),
+        "cpu_flags": simd_flags(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "dtype": str(llm.engine.core.runner.dtype).removeprefix("torch."),

@@ -29,6 +29,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def simd_flags() -> str:
+    """The CPU's SIMD flags that matter for the matmuls (avx2, avx512*, amx*), sorted, as one line for benchmark
+    records ("unknown" where /proc/cpuinfo has none)."""
+    return " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512", "amx")))) or "unknown"
+
+
 def cpu_has_native_bf16() -> bool:
     flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags

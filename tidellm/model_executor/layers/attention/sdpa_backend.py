@@ -42,17 +42,15 @@ def paged_sdpa_attention(
     """Attention output [T, H * D] for every query row of the step."""
     num_tokens, num_heads, head_dim = q.shape
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    if meta.prefills and _use_cpu_kernel(q, kv_cache):
-        # Every row, prefill tokens included, in one in-place call (a token at position p: p + 1 keys).
-        r = meta.query_rows()
-        cpu_kernels.paged_decode(q, r.rows, kv_cache, r.block_table, r.seq_lens, scale, out, r.window)
+    if _use_cpu_kernel(q, kv_cache):
+        # One in-place call for the step: its decodes, or with prefill chunks every row (a token at position p
+        # is a query with p + 1 keys). Both carry rows, block_table, seq_lens and window.
+        r = meta.query_rows() if meta.prefills else meta.decode
+        if r is not None:
+            cpu_kernels.paged_decode(q, r.rows, kv_cache, r.block_table, r.seq_lens, scale, out, r.window)
         return out.view(num_tokens, num_heads * head_dim)
     if meta.decode is not None:
-        if _use_cpu_kernel(q, kv_cache):
-            d = meta.decode
-            cpu_kernels.paged_decode(q, d.rows, kv_cache, d.block_table, d.seq_lens, scale, out, d.window)
-        else:
-            _decode(q, kv_cache, meta, meta.decode, scale, out)
+        _decode(q, kv_cache, meta, meta.decode, scale, out)
     for p in meta.prefills:
         qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         if p.block_ids is None:
