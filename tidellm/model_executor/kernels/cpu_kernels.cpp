@@ -423,7 +423,8 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
 #if defined(TIDE_AVX512) && defined(__AVX512VNNI__)
 #define TIDE_VNNI 1
 // int8 activations against block weights with VNNI dot products (vpdpbusd: 64 byte products summed into 16
-// int32 lanes per instruction, three times the bf16 dot product rate on the machines we measured), as
+// int32 lanes per instruction; on the Zen 5 we measured it issues as often as vdpbf16ps, ~8.5 G a second a
+// core, so twice the multiply-adds), as
 // llama.cpp multiplies its Q4/Q8 weights. The activations are quantized per block of 32 (scale = absmax / 127,
 // rounded to nearest), so this path trades some precision for speed (docs/performance.md measures the drift).
 //
@@ -431,9 +432,10 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
 // codes of its 16 rows interleaved 4 bytes at a time, so that one 64-byte vector holds 4 consecutive codes of
 // each row and vpdpbusd against 4 broadcast activation codes gives 16 partial row sums at once.
 //   Q4_1: 256 bytes per (panel, block): vector j (0..3) lane i = code bytes 4j..4j+3 of row i (low nibbles:
-//   elements 4j..4j+3, high nibbles: 16+4j..16+4j+3); d, m as [panels, blocks, 16] fp32.
+//   elements 4j..4j+3, high nibbles: 16+4j..16+4j+3); d, m as [panels, blocks, 16] fp16 (GGUF's own
+//   precision: a sixth fewer bytes to stream than fp32, which is what a matmul of a few rows waits on).
 //   Q8_0: 512 bytes: vector j (0..7) lane i = codes 4j..4j+3 of row i (signed); d as above, and each row's
-//   code sum per block as int32 [panels, blocks, 16] (vpdpbusd needs an unsigned operand: the activation
+//   code sum per block as int16 [panels, blocks, 16] (vpdpbusd needs an unsigned operand: the activation
 //   codes go in as code + 128 and 128 x the weight codes' sum comes back off).
 
 struct ActI8 {  // x [M, K] quantized per block: codes, codes + 128, scale, and scale x code sum
@@ -489,7 +491,7 @@ inline void store16(uint16_t* o, __m512 v, __mmask16 k) {
 
 // RT input rows x NG panels (16 NG outputs): RT x NG int32 block sums and as many fp32 accumulators.
 template <bool kQ41, int RT, int NG, class T>
-inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uint8_t* vq, const float* vd,
+inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uint8_t* vq, const uint16_t* vd,
                     const void* vm, int64_t g0, int64_t N, T* out) {
   constexpr int64_t kPanelBytes = kQ41 ? 256 : 512;
   const int64_t panels = (N + 15) / 16;
@@ -511,7 +513,7 @@ inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uin
         for (int64_t c = 0; c < kPanelBytes; c += 64)
           _mm_prefetch(reinterpret_cast<const char*>(vq + at * kPanelBytes + c), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(vd + at * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const float*>(vm) + at * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(static_cast<const uint16_t*>(vm) + at * 16), _MM_HINT_T0);
       }
     }
     __m512i s[RT][NG];
@@ -546,16 +548,16 @@ inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uin
     }
     for (int g = 0; g < NG; ++g) {
       const int64_t at = ((g0 + g) * nb + b) * 16;
-      const __m512 dw = _mm512_loadu_ps(vd + at);
+      const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vd + at)));
       if constexpr (kQ41) {
-        const __m512 mw = _mm512_loadu_ps(static_cast<const float*>(vm) + at);
+        const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(vm) + at)));
         for (int r = 0; r < RT; ++r) {
           const int64_t xb = (r0 + r) * nb + b;
           acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][g]), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[xb])), acc[r][g]);
           acc[r][g] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[xb]), acc[r][g]);
         }
       } else {
-        const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(static_cast<const int32_t*>(vm) + at), 7);
+        const __m512i corr = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int16_t*>(vm) + at))), 7);
         for (int r = 0; r < RT; ++r) {
           const __m512 prod = _mm512_cvtepi32_ps(_mm512_sub_epi32(s[r][g], corr));
           acc[r][g] = _mm512_fmadd_ps(prod, _mm512_mul_ps(dw, _mm512_set1_ps(a.d[(r0 + r) * nb + b])), acc[r][g]);
@@ -574,7 +576,7 @@ inline void i8_tile(const ActI8& a, int64_t r0, int64_t K, int64_t nb, const uin
 // 6 for Q8_0 (LM head at 64 rows 3.6 -> 3.1 ms).
 template <bool kQ41, int RT, int NG, class T>
 inline void i8_rows(const ActI8& a, int64_t r0, int64_t rows, int64_t K, int64_t nb, const uint8_t* vq,
-                    const float* vd, const void* vm, int64_t g0, int64_t N, T* out) {
+                    const uint16_t* vd, const void* vm, int64_t g0, int64_t N, T* out) {
   if constexpr (RT > 0) {
     int64_t r = r0;
     for (; r + RT <= r0 + rows; r += RT) i8_tile<kQ41, RT, NG>(a, r, K, nb, vq, vd, vm, g0, N, out);
@@ -584,7 +586,7 @@ inline void i8_rows(const ActI8& a, int64_t r0, int64_t rows, int64_t K, int64_t
 
 // out [M, N] (T: fp32, or bf16 rounded to nearest even) = x [M, K] (bf16 or fp32) times the panels' W^T.
 template <class X, class T>
-void gemm_i8(const X* x, int64_t M, int64_t K, bool q41, const uint8_t* vq, const float* vd, const void* vm,
+void gemm_i8(const X* x, int64_t M, int64_t K, bool q41, const uint8_t* vq, const uint16_t* vd, const void* vm,
              int64_t N, T* out) {
   const int64_t nb = K / kBlock;
   ActI8 a;
@@ -1048,7 +1050,7 @@ struct TideBlocks {
   const float* m;  // Q4_1 minimums; null for Q8_0
   int64_t rows, cols;
   const uint8_t* panel_q;  // the same weights in 16-row panels for gemm_i8 (null: not built)
-  const float* panel_d;
+  const uint16_t* panel_d;  // fp16 bits
   const void* panel_extra;
 };
 
@@ -1216,14 +1218,14 @@ int64_t tide_has_vnni() {
 // gemm_i8); out in bf16 or fp32. Return 0 and do nothing where the build has no VNNI.
 #ifdef TIDE_VNNI
 #define TIDE_I8_ENTRY(name, X, T)                                                                                    \
-  int64_t name(const X* x, int64_t M, int64_t K, int64_t q41, const uint8_t* vq, const float* vd, const void* vm, \
+  int64_t name(const X* x, int64_t M, int64_t K, int64_t q41, const uint8_t* vq, const uint16_t* vd, const void* vm, \
                int64_t N, T* out) {                                                                                 \
     gemm_i8(x, M, K, q41 != 0, vq, vd, vm, N, out);                                                                 \
     return 1;                                                                                                       \
   }
 #else
 #define TIDE_I8_ENTRY(name, X, T) \
-  int64_t name(const X*, int64_t, int64_t, int64_t, const uint8_t*, const float*, const void*, int64_t, T*) { return 0; }
+  int64_t name(const X*, int64_t, int64_t, int64_t, const uint8_t*, const uint16_t*, const void*, int64_t, T*) { return 0; }
 #endif
 TIDE_I8_ENTRY(tide_gemm_i8_bf16, uint16_t, uint16_t)
 TIDE_I8_ENTRY(tide_gemm_i8_bf16_f32, uint16_t, float)

@@ -1,9 +1,10 @@
 """Block-quantized weight matrices: the two formats the CPU kernels run, and conversions into them.
 
-``q4_1``: 4-bit codes with a scale and a minimum per 32 weights (4.5 bits with fp32 scales... stored as
-fp32 here: 6 bits per weight), value = d * q + m. ``q8_0``: int8 codes with a scale per 32 weights, value =
+``q4_1``: 4-bit codes with a scale and a minimum per 32 weights (5 bits a weight in GGUF, whose scales are
+fp16; 6 here, where they are widened to fp32), value = d * q + m. ``q8_0``: int8 codes with a scale per 32 weights, value =
 d * q. Both are GGUF's layouts with the fp16 scales widened to fp32, so GGUF Q4_0, Q4_1 and Q8_0 tensors
-convert without changing a single weight; anything else is re-quantized (round to nearest), which does.
+convert without changing a single weight; anything else is re-quantized (round to nearest), which does, with
+fp16-exact scales as GGUF's (the int8 kernel's panels keep them in fp16).
 """
 
 from __future__ import annotations
@@ -76,17 +77,22 @@ class QuantizedTensor:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, fmt: str) -> QuantizedTensor:
-        """Round-to-nearest quantization of a dense [rows, cols] matrix (cols % 32 == 0)."""
+        """Round-to-nearest quantization of a dense [rows, cols] matrix (cols % 32 == 0); scales and
+        minimums are rounded to fp16 first, as GGUF stores them."""
         rows, cols = w.shape
         b = w.detach().float().cpu().reshape(rows, cols // BLOCK, BLOCK)
+
+        def f16(t: torch.Tensor) -> torch.Tensor:
+            return t.half().float()
+
         if fmt == "q8_0":
-            d = b.abs().amax(-1) / 127.0
+            d = f16(b.abs().amax(-1) / 127.0)
             inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
             q = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
             return cls(fmt, (rows, cols), q.contiguous(), d.contiguous(), None)
         if fmt == "q4_1":
-            lo, hi = b.amin(-1), b.amax(-1)
-            d = (hi - lo) / 15.0
+            lo, hi = f16(b.amin(-1)), b.amax(-1)
+            d = f16((hi - lo) / 15.0)
             inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
             q = torch.round((b - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
             packed = q[..., :16] | (q[..., 16:] << 4)
@@ -136,12 +142,13 @@ class QuantizedTensor:
 class Panels:
     """A block matrix regrouped for vpdpbusd (layout in ``cpu_kernels.cpp``, at ``gemm_i8``): per panel of 16
     rows and block of 32 columns, the 16 rows' codes interleaved 4 bytes at a time (q4_1: 256 bytes, q8_0:
-    512), their scales as [panels, blocks, 16], and the q4_1 minimums or the q8_0 per-block code sums likewise.
-    Rows are padded to a multiple of 16 with zero weights."""
+    512), their scales as [panels, blocks, 16] fp16, and the q4_1 minimums (fp16) or the q8_0 per-block code
+    sums (int16) likewise. Rows are padded to a multiple of 16 with zero weights. Scales that are not
+    fp16-exact (GGUF's and ``QuantizedTensor.quantize``'s are) would be rounded here."""
 
     q: torch.Tensor  # uint8 [panels, blocks, 256 | 512]
-    d: torch.Tensor  # fp32 [panels, blocks, 16]
-    extra: torch.Tensor  # q4_1: fp32 minimums; q8_0: int32 code sums; [panels, blocks, 16]
+    d: torch.Tensor  # fp16 [panels, blocks, 16]
+    extra: torch.Tensor  # q4_1: fp16 minimums; q8_0: int16 code sums; [panels, blocks, 16]
 
     @property
     def nbytes(self) -> int:
@@ -161,9 +168,9 @@ class Panels:
         width = 16 if w.fmt == "q4_1" else 32  # code bytes per row and block
         codes = grouped(w.q.view(torch.uint8)).reshape(panels, 16, nb, width // 4, 4)
         q = codes.permute(0, 2, 3, 1, 4).reshape(panels, nb, 16 * width).contiguous()
-        d = grouped(w.d).transpose(1, 2).contiguous()
+        d = grouped(w.d.half()).transpose(1, 2).contiguous()
         if w.fmt == "q4_1":
-            extra = grouped(w.m).transpose(1, 2).contiguous()
-        else:
-            extra = grouped(w.q.sum(-1, dtype=torch.int32)).transpose(1, 2).contiguous()
+            extra = grouped(w.m.half()).transpose(1, 2).contiguous()
+        else:  # a block's code sum fits int16 (|sum| <= 32 * 127)
+            extra = grouped(w.q.sum(-1, dtype=torch.int32).to(torch.int16)).transpose(1, 2).contiguous()
         return cls(q, d, extra)
