@@ -9,6 +9,7 @@ fp16-exact scales as GGUF's (the int8 kernel's panels keep them in fp16).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,13 +78,18 @@ class QuantizedTensor:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, fmt: str) -> QuantizedTensor:
-        """Round-to-nearest quantization of a dense [rows, cols] matrix (cols % 32 == 0); scales and
-        minimums are rounded to fp16 first, as GGUF stores them."""
+        """Round-to-nearest quantization of a dense [rows, cols] matrix (cols % 32 == 0), with scales and
+        minimums in fp16 as GGUF stores them (a q4_1 minimum rounded down and its scale up, so that the codes
+        still span the block)."""
         rows, cols = w.shape
         b = w.detach().float().cpu().reshape(rows, cols // BLOCK, BLOCK)
 
-        def f16(t: torch.Tensor) -> torch.Tensor:
-            return t.half().float()
+        def f16(t: torch.Tensor, toward: float | None = None) -> torch.Tensor:
+            h = t.half()
+            if toward is not None:  # the next fp16 toward ``toward`` where rounding went the other way
+                past = h.float() < t if toward > 0 else h.float() > t
+                h = torch.where(past, torch.nextafter(h, torch.full_like(h, toward)), h)
+            return h.float()
 
         if fmt == "q8_0":
             d = f16(b.abs().amax(-1) / 127.0)
@@ -91,8 +97,8 @@ class QuantizedTensor:
             q = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
             return cls(fmt, (rows, cols), q.contiguous(), d.contiguous(), None)
         if fmt == "q4_1":
-            lo, hi = f16(b.amin(-1)), b.amax(-1)
-            d = f16((hi - lo) / 15.0)
+            lo, hi = f16(b.amin(-1), -math.inf), b.amax(-1)
+            d = f16((hi - lo) / 15.0, math.inf)
             inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
             q = torch.round((b - lo[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
             packed = q[..., :16] | (q[..., 16:] << 4)
