@@ -83,6 +83,9 @@ def weight_bytes_per_step(facts: dict[str, Any], storage: str) -> int:
     if storage == "blocks":  # tidellm's blocks of 32: Q4_1 16 B codes + 8 B scales, Q8_0 32 + 4 B
         body = facts["params_body_matmul"] * 24 / 32
         return int(body + facts["params_lm_head"] * 36 / 32 + facts["params_norms"] * 4)
+    if storage == "panels":  # the int8 kernel's panels: Q4_1 16 B codes + 4 B fp16 scales, Q8_0 32 + 2 + 2 B
+        body = facts["params_body_matmul"] * 20 / 32
+        return int(body + facts["params_lm_head"] * 36 / 32 + facts["params_norms"] * 4)
     n = facts["params_body_matmul"] + facts["params_norms"] + facts["params_lm_head"]
     return int(n * DTYPE_BYTES[storage])
 

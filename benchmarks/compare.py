@@ -227,8 +227,15 @@ def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
         extra = s.extra.get("tidellm", [])
         dtype = _tidellm_dtype(extra)
         profile = {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
-        if _flag(extra, "--quantization", "auto") == "auto":  # the GGUF's Q4_1 / Q8_0 blocks, fp32 scales
-            profile.update(weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)")
+        if _flag(extra, "--quantization", "auto") == "auto":  # the GGUF's Q4_1 / Q8_0 blocks
+            if _tidellm_int8(extra, dtype):  # read as the int8 kernel's panels (fp16 scales)
+                profile.update(
+                    weight_storage="panels",
+                    weight_label="Q4_1 int8-kernel panels, lm_head Q8_0 (fp16 scales)",
+                    compute_label=f"{dtype} with int8 activations (VNNI; MFU vs the {dtype} peak)",
+                )
+            else:
+                profile.update(weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)")
         return profile
     if engine == "vllm":
         return {"compute_dtype": s.vllm_dtype, "weight_storage": s.vllm_dtype, "kv_dtype": s.vllm_dtype}
@@ -249,6 +256,16 @@ def _tidellm_dtype(extra: list[str]) -> str:
     from tidellm.platforms import resolve_dtype
 
     return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device("cpu"))).removeprefix("torch.")
+
+
+def _tidellm_int8(extra: list[str], dtype: str) -> bool:
+    """Whether `tidellm serve` will quantize its block matmuls' activations to int8 (its own 'auto' rule)."""
+    import torch
+
+    from tidellm.model_executor.quant.method import int8_activations
+
+    setting = _flag(extra, "--activation-quantization", "auto")
+    return int8_activations(setting, getattr(torch, dtype), torch.device("cpu"))
 
 
 def _flag(extra: list[str], flag: str, default: str) -> str:
