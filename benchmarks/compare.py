@@ -235,7 +235,9 @@ def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
                     compute_label=f"{dtype} with int8 activations (VNNI; MFU vs the {dtype} peak)",
                 )
             else:
-                profile.update(weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)")
+                profile.update(
+                    weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)"
+                )
         return profile
     if engine == "vllm":
         return {"compute_dtype": s.vllm_dtype, "weight_storage": s.vllm_dtype, "kv_dtype": s.vllm_dtype}

@@ -12,16 +12,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.loader.dequant import BLOCK_DEQUANTIZERS
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.loader.gguf_file import GGUFFile, GGUFTensorInfo
-from tidellm.model_executor.quant.blocks import EXACT_GGUF_FORMATS, QuantizedTensor
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are made: the API process opens a GGUF source for its tokenizer and
+# architecture only, and importing torch there (~0.7 s) would slow every server start.
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,8 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
 
     F16/BF16 stay in their dtype (like a safetensors checkpoint); everything else becomes float32.
     """
+    import torch
+
     if qtype == Q.F32:
         return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
     if qtype == Q.F16:
@@ -182,6 +189,8 @@ class GGUFWeights:
     def iter_weights(self, keep_blocks: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
         """Dense tensors, except the names in ``keep_blocks`` whose type converts exactly to a block format:
         those come as ``QuantizedTensor`` without being widened. Stacked experts come one expert at a time."""
+        from tidellm.model_executor.quant.blocks import EXACT_GGUF_FORMATS, QuantizedTensor
+
         for name, info in self._plan:
             if _is_stacked(name):
                 experts = [name.format(e) for e in range(info.shape[0])]
@@ -197,6 +206,10 @@ class GGUFWeights:
             yield name, self.load(name, info, name in keep_blocks and info.qtype in EXACT_GGUF_FORMATS)
 
     def load(self, name: str, info: GGUFTensorInfo, as_blocks: bool = False):
+        import torch
+
+        from tidellm.model_executor.quant.blocks import QuantizedTensor
+
         raw = self.gguf.raw(info)
         if as_blocks:
             w = QuantizedTensor.from_gguf(raw, info.qtype, info.shape)

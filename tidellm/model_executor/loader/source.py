@@ -11,14 +11,15 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from tidellm.config.arch import ArchConfig
 from tidellm.model_executor.loader.errors import ModelLoadError
 from tidellm.model_executor.models.tasks import ENCODER_MODEL_TYPES
 from tidellm.tokenizer.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the API process opens sources for their tokenizer and never needs torch (0.7 s to import)
+    import torch
 
 logger = logging.getLogger(__name__)
 
