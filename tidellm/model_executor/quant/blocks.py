@@ -1,10 +1,10 @@
 """Block-quantized weight matrices: the two formats the CPU kernels run, and conversions into them.
 
 ``q4_1``: 4-bit codes with a scale and a minimum per 32 weights (5 bits a weight in GGUF, whose scales are
-fp16; 6 here, where they are widened to fp32), value = d * q + m. ``q8_0``: int8 codes with a scale per 32 weights, value =
-d * q. Both are GGUF's layouts with the fp16 scales widened to fp32, so GGUF Q4_0, Q4_1 and Q8_0 tensors
-convert without changing a single weight; anything else is re-quantized (round to nearest), which does, with
-fp16-exact scales as GGUF's (the int8 kernel's panels keep them in fp16).
+fp16; 6 here, where they are widened to fp32), value = d * q + m. ``q8_0``: int8 codes with a scale per 32
+weights, value = d * q. Both are GGUF's layouts with the fp16 scales widened to fp32, so GGUF Q4_0, Q4_1 and
+Q8_0 tensors convert without changing a single weight; anything else is re-quantized (round to nearest),
+which does, with fp16-exact scales like GGUF's (the int8 kernel's panels keep them in fp16).
 """
 
 from __future__ import annotations
