@@ -424,8 +424,7 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
 #define TIDE_VNNI 1
 // int8 activations against block weights with VNNI dot products (vpdpbusd: 64 byte products summed into 16
 // int32 lanes per instruction; on the Zen 5 we measured it issues as often as vdpbf16ps, ~8.5 G a second a
-// core, so twice the multiply-adds), as
-// llama.cpp multiplies its Q4/Q8 weights. The activations are quantized per block of 32 (scale = absmax / 127,
+// core, so twice the multiply-adds), as llama.cpp multiplies its Q4/Q8 weights. The activations are quantized per block of 32 (scale = absmax / 127,
 // rounded to nearest), so this path trades some precision for speed (docs/performance.md measures the drift).
 //
 // The weights are repacked once into panels of 16 rows (QuantizedTensor.panels): for panel g and block b the
@@ -1214,7 +1213,7 @@ int64_t tide_has_vnni() {
 #endif
 }
 
-// x [M, K] (bf16, or fp32 for the _f32x entries) with int8 VNNI dot products against weights in panels (see
+// x [M, K] (bf16, or fp32 for tide_gemm_i8_f32) with int8 VNNI dot products against weights in panels (see
 // gemm_i8); out in bf16 or fp32. Return 0 and do nothing where the build has no VNNI.
 #ifdef TIDE_VNNI
 #define TIDE_I8_ENTRY(name, X, T)                                                                                    \
