@@ -116,6 +116,10 @@ def test_chunked_prefill_and_preemption_keep_each_matcher(llm_fp32):
         enable_prefix_caching=False,
         log_level="WARNING",
     )
+    # Compile (and cache) the grammars first: were some still compiling, their requests would start late,
+    # after others finished, and the pool might never run short.
+    warm = [SamplingParams(max_tokens=1, structured_outputs=p.structured_outputs) for p in params]
+    small.chat(convs, warm, use_tqdm=False)
     outs = small.chat(convs, params, use_tqdm=False)
     assert small.engine.core.scheduler.num_preemptions > 0
     reference = llm_fp32.chat(convs, params, use_tqdm=False)
