@@ -1,7 +1,7 @@
 """CI-sized performance smoke test: not timed, it checks that serving the default model takes the fast CPU
 paths -- GGUF blocks through the compiled matmul kernels (int8 activations where the CPU has VNNI and the
-model runs in bf16), the fused RMSNorm, decode attention straight from the paged cache, decode steps' layers
-in one compiled call -- and that none of the slow fallbacks runs. A missing compiler or a silently changed
+model runs in bf16), the fused RMSNorm, attention straight from the paged cache, each step's layers in one
+compiled call -- and that none of the slow fallbacks runs. A missing compiler or a silently changed
 dispatch rule fails here instead of showing up weeks later as a slower benchmark."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         return wrapped
 
     for name in (
-        "matmul", "matmul_bf16_dot", "matmul_i8", "rms_norm", "paged_decode", "dequantize", "decode_layers",
+        "matmul", "matmul_bf16_dot", "matmul_i8", "rms_norm", "paged_decode", "dequantize", "run_layers",
     ):  # fmt: skip
         monkeypatch.setattr(cpu_kernels, name, count(name, getattr(cpu_kernels, name)))
     monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
@@ -82,19 +82,16 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm, monkeypatch: pytest.Monke
         use_tqdm=False,
     )
     assert all(len(o.outputs[0].token_ids) == 6 for o in out)
-    layers = model.arch.num_hidden_layers
-    decode_steps = 5  # the first token comes from the prefill step
-    # Each decode step runs its 30 layers in one compiled call (models/fused_decode.py); Python calls only the
-    # final norm and the LM head. The prefill step's attention reads the cache in place too: one kernel call
-    # per layer for both prompts' tokens, no SDPA.
-    assert calls["decode_layers"] == decode_steps and calls["paged_decode"] == layers
-    assert calls["sdpa"] == 0
-    assert calls["rms_norm"] == (2 * layers + 1) + decode_steps
-    # prompts are a few tokens: every matmul (and the LM head) goes through a block kernel: with int8
-    # activations (bf16 on AVX-512 VNNI CPUs) the int8 one, else the fp32 one (bf16 batches of 4+ rows on
-    # AVX-512 BF16 CPUs: the vdpbf16ps one)
+    steps = 6  # the prefill step (which samples the first token) and 5 decode steps
+    # Each step, the prefill included, runs its 30 layers in one compiled call (models/fused_layers.py), whose
+    # attention reads the cache in place; Python calls only the final norm and the LM head.
+    assert calls["run_layers"] == steps
+    assert calls["paged_decode"] == calls["sdpa"] == 0
+    assert calls["rms_norm"] == steps
+    # every LM head goes through a block kernel: with int8 activations (bf16 on AVX-512 VNNI CPUs) the int8
+    # one, else the fp32 one (bf16 batches of 4+ rows on AVX-512 BF16 CPUs: the vdpbf16ps one)
     kernels = ("matmul_i8",) if int8 else ("matmul", "matmul_bf16_dot")
-    assert sum(calls[k] for k in kernels) == (4 * layers + 1) + decode_steps
+    assert sum(calls[k] for k in kernels) == steps
     for slow in ("slow_decode", "slow_rms_norm", "linear", "dequantize"):
         assert calls[slow] == 0, f"fell back to {slow}"
 
@@ -115,13 +112,24 @@ def test_large_batches_widen_in_the_fastest_dtype(llm_bf16_no_int8, monkeypatch:
 
 def test_int8_activations_take_every_batch(llm_bf16, monkeypatch: pytest.MonkeyPatch) -> None:
     """With int8 activations (the default in bf16 on AVX-512 VNNI CPUs) a 200-token prefill also runs on the
-    int8 kernel: nothing is widened."""
+    int8 kernel, nothing widened: in the fused call, and layer by layer (models the fused path does not take)
+    through the same kernel, its attention in place."""
     if not cpu_kernels.has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI: activations stay in bf16")
-    calls = _counting(monkeypatch)
-    llm_bf16.generate([list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    layers = llm_bf16.engine.core.runner.model.arch.num_hidden_layers
-    # the prefill's 4 per layer, then the LM head after it and after the one (fused) decode step
-    assert calls["matmul_i8"] == 4 * layers + 2 and calls["decode_layers"] == 1
-    for slow in ("dequantize", "linear", "matmul", "matmul_bf16_dot"):
-        assert calls[slow] == 0, f"took {slow}"
+    model = llm_bf16.engine.core.runner.model
+    layers = model.arch.num_hidden_layers
+    prompt, params = [list(range(100, 300))], SamplingParams(max_tokens=2, ignore_eos=True)
+    for fused in (True, False):
+        model.model.fused_layers = None if fused else False
+        calls = _counting(monkeypatch)
+        try:
+            llm_bf16.generate(prompt, params, use_tqdm=False)
+        finally:
+            model.model.fused_layers = None
+        if fused:  # the prefill step and the decode step: one call each, then their LM heads
+            assert calls["run_layers"] == 2 and calls["matmul_i8"] == 2
+        else:  # the 4 matmuls of each layer and the LM head, in each of the two steps
+            assert calls["run_layers"] == 0 and calls["matmul_i8"] == 2 * (4 * layers + 1)
+            assert calls["paged_decode"] == 2 * layers
+        for slow in ("dequantize", "linear", "matmul", "matmul_bf16_dot", "sdpa", "slow_decode"):
+            assert calls[slow] == 0, f"took {slow}"

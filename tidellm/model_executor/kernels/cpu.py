@@ -120,7 +120,7 @@ def library() -> ctypes.CDLL:
         getattr(lib, name).argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
         getattr(lib, name).restype = _i64
     lib.tide_has_bf16dp.restype = _i64
-    for name in ("tide_decode_layers", "tide_decode_layers_bf16"):
+    for name in ("tide_run_layers", "tide_run_layers_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
         getattr(lib, name).restype = None
     lib.tide_simd_level.restype = ctypes.c_int
@@ -320,7 +320,7 @@ def paged_decode(
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------- fused decode layers (models/fused_decode.py)
+# ---------------------------------------------------------------- fused layers (models/fused_layers.py)
 class Blocks(ctypes.Structure):
     """A block-quantized matrix: codes, scales, Q4_1 minimums (null for Q8_0), its [rows, cols], and its
     panels for the int8 kernel (null when not used)."""
@@ -341,7 +341,7 @@ class Blocks(ctypes.Structure):
 
 
 class Layer(ctypes.Structure):
-    """One decoder layer's weights and KV cache for ``decode_layers``."""
+    """One decoder layer's weights and KV cache for ``run_layers``."""
 
     _fields_ = [
         ("norm1", _ptr), ("norm2", _ptr), ("qkv", Blocks), ("o", Blocks), ("gate_up", Blocks), ("down", Blocks),
@@ -350,7 +350,7 @@ class Layer(ctypes.Structure):
 
 
 class Step(ctypes.Structure):
-    """The step's shapes, per-row inputs and scratch buffers for ``decode_layers``."""
+    """The step's shapes, per-row inputs and scratch buffers for ``run_layers``."""
 
     _fields_ = [
         *((name, _i64) for name in (
@@ -364,13 +364,13 @@ class Step(ctypes.Structure):
     ]  # fmt: skip
 
 
-def decode_layers(
+def run_layers(
     layers: ctypes.Array, step: Step, a: torch.Tensor, b: torch.Tensor, has_residual: bool
 ) -> None:
-    """Run ``len(layers)`` decoder layers on the decode rows: ``a`` holds their input and receives their
+    """Run ``len(layers)`` decoder layers on the step's rows: ``a`` holds their input and receives their
     output, ``b`` the residual stream in and out (fp32 or bf16, contiguous [rows, hidden])."""
     lib = library()
-    fn = lib.tide_decode_layers_bf16 if a.dtype == torch.bfloat16 else lib.tide_decode_layers
+    fn = lib.tide_run_layers_bf16 if a.dtype == torch.bfloat16 else lib.tide_run_layers
     fn(
         ctypes.addressof(layers),
         len(layers),

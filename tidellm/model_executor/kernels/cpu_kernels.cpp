@@ -1068,8 +1068,8 @@ struct TideStep {
   float eps, scale;
   const void* cos_sin;  // [rows, rotary_dim] T, each row's cos | sin
   const int64_t* slots;  // [rows] cache slot of each row's new key
-  const int64_t* block_table;  // [rows, max_blocks]
-  const int64_t* seq_lens;  // [rows]
+  const int64_t* block_table;  // [rows, max_blocks] each row's request's blocks
+  const int64_t* seq_lens;  // [rows] keys each row attends to (its position + 1: prefill rows are causal)
   const int64_t* row_ids;  // [rows] 0..rows-1
   void* normed;  // scratch [rows, hidden] T
   void* qkv;  // [rows, (heads + 2 kv_heads) head_dim]
@@ -1114,7 +1114,7 @@ void block_linear(const TideBlocks& w, const T* x, int64_t M, T* out, int64_t do
 // a: the layers' input (the embedding output) and on return their output; b: the residual stream (read only
 // when has_residual) and on return the residual before the last layer's MLP, as LlamaDecoderLayer returns them.
 template <class T>
-void decode_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, T* b, bool has_residual) {
+void run_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, T* b, bool has_residual) {
   const int64_t M = s.rows, H = s.hidden, D = s.head_dim;
   const int64_t nq = s.heads * D, nkv = s.kv_heads * D, nqkv = nq + 2 * nkv;
   T* normed = static_cast<T*>(s.normed);
@@ -1300,13 +1300,13 @@ void tide_paged_decode_bf16(const uint16_t* q, int64_t q_stride, const int64_t* 
                    Hkv, D, scale, out);
 }
 
-void tide_decode_layers(const TideLayer* layers, int64_t n, const TideStep* step, float* a, float* b,
+void tide_run_layers(const TideLayer* layers, int64_t n, const TideStep* step, float* a, float* b,
                         int64_t has_residual) {
-  decode_layers(layers, n, *step, a, b, has_residual != 0);
+  run_layers(layers, n, *step, a, b, has_residual != 0);
 }
-void tide_decode_layers_bf16(const TideLayer* layers, int64_t n, const TideStep* step, uint16_t* a, uint16_t* b,
+void tide_run_layers_bf16(const TideLayer* layers, int64_t n, const TideStep* step, uint16_t* a, uint16_t* b,
                              int64_t has_residual) {
-  decode_layers(layers, n, *step, a, b, has_residual != 0);
+  run_layers(layers, n, *step, a, b, has_residual != 0);
 }
 
 int tide_simd_level() {

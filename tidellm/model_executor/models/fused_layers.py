@@ -165,7 +165,5 @@ class FusedLayers:
             block_size, table.shape[1], self.dot_min_rows, int(self.int8), self.eps, self.scale, cos.data_ptr(), meta.slot_mapping.data_ptr(),
             table.data_ptr(), seq_lens.data_ptr(), d.rows.data_ptr(), *(t.data_ptr() for t in scratch),
         )  # fmt: skip
-        cpu_kernels.run_layers(
-            self._layer_array(ctx.kv_caches), step, hidden, residual, has_residual=False
-        )
+        cpu_kernels.run_layers(self._layer_array(ctx.kv_caches), step, hidden, residual, has_residual=False)
         return hidden, residual

@@ -21,7 +21,7 @@ from tidellm.model_executor.layers.linear import Linear, MergedColumnLinear, QKV
 from tidellm.model_executor.layers.norm import RMSNorm
 from tidellm.model_executor.layers.rotary import RotaryEmbedding, rotate_owned
 from tidellm.model_executor.layers.weight_utils import load_named_weights
-from tidellm.model_executor.models.fused_decode import FusedDecode
+from tidellm.model_executor.models.fused_layers import FusedLayers
 
 RotaryCosSin = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] each
 MakeMLP = Callable[[int], nn.Module | None]  # layer index -> its MLP, None for the dense LlamaMLP
@@ -157,16 +157,16 @@ class LlamaModel(nn.Module):
             arch.head_dim, arch.max_context_len, arch.rope_theta, arch.rope_scaling, dtype, device,
             max_position_embeddings=arch.max_position_embeddings,
         )  # fmt: skip
-        # Decode steps through one compiled call when the layers allow it (models/fused_decode.py); decided
+        # Steps through one compiled call when the layers allow it (models/fused_layers.py); decided
         # on the first forward, once the weights are in place. False turns it off.
-        self.fused_decode: FusedDecode | bool | None = None
+        self.fused_layers: FusedLayers | bool | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.rotary_emb(positions)
-        if self.fused_decode is None:
-            self.fused_decode = FusedDecode.build(self) or False
-        fused = self.fused_decode.run(hidden, cos_sin) if self.fused_decode else None
+        if self.fused_layers is None:
+            self.fused_layers = FusedLayers.build(self) or False
+        fused = self.fused_layers.run(hidden, cos_sin) if self.fused_layers else None
         if fused is not None:
             hidden, residual = fused
         else:
