@@ -8,6 +8,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m"
 QUANTIZATION_CHOICES = ("auto", "none", "q8_0", "q4_1")  # see model_executor/quant/method.py
 ACTIVATION_QUANTIZATION_CHOICES = ("auto", "int8", "none")
+PREFILL_BATCHING_CHOICES = ("adaptive", "budget")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -94,6 +95,13 @@ class SchedulerConfig:
     policy: str = _f(
         "fcfs", "Scheduling policy: fcfs, or priority (lower value first).", choices=("fcfs", "priority")
     )
+    prefill_batching: str = _f(
+        "adaptive",
+        "How many waiting prompts a step starts. adaptive: the number that gets them their first tokens "
+        "soonest, from the measured cost of steps (core/sched/admission.py); budget: as many as the step's "
+        "token budget holds.",
+        choices=PREFILL_BATCHING_CHOICES,
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -102,6 +110,10 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens}).")
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority' (got {self.policy!r}).")
+        if self.prefill_batching not in PREFILL_BATCHING_CHOICES:
+            raise ValueError(
+                f"prefill_batching must be 'adaptive' or 'budget' (got {self.prefill_batching!r})."
+            )
 
 
 @dataclass

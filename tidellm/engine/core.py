@@ -136,12 +136,15 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         outputs: list[EngineCoreOutput] = []
         if self.scheduler.has_unfinished_requests():
+            start = time.perf_counter()
             sched_out = self.scheduler.schedule()
             so = self.structured_output
             if sched_out.is_empty and so is not None and so.has_pending():
                 so.wait_for_pending(GRAMMAR_WAIT_S)
             runner_out = self.runner.execute_model(sched_out)
             outputs = self.scheduler.update_from_output(sched_out, runner_out)
+            if isinstance(self.scheduler, Scheduler):
+                self.scheduler.record_step_time(sched_out, time.perf_counter() - start)
         return EngineCoreOutputs(
             outputs=outputs, scheduler_stats=self.scheduler.make_stats(), timestamp=time.time()
         )

@@ -2,11 +2,14 @@
 
 Each step hands every request ``min(num_tokens - num_computed_tokens, budget left, chunk cap)`` tokens,
 running requests first (preempting the lowest-priority runner by recompute when blocks run out), then
-waiting requests with their prefix-cache hit subtracted. There is no prefill/decode phase flag.
+waiting requests with their prefix-cache hit subtracted: as many as the budget holds, or (``prefill_batching
+adaptive``, the default) as many as gets them their first tokens soonest (``admission.py``). There is no
+prefill/decode phase flag.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING
 from tidellm.config import CacheConfig, SchedulerConfig
 from tidellm.core.kv_cache.manager import KVCacheManager
 from tidellm.core.request import Request, RequestStatus
+from tidellm.core.sched.admission import StepCost, prompts_to_start
 from tidellm.core.sched.output import (
     CachedRequestData,
     GrammarBitmask,
@@ -59,6 +63,7 @@ class Scheduler:
         self.structured_output: StructuredOutputManager | None = None
         self._failed: list[EngineCoreOutput] = []  # requests ended by an error, reported at the next output
         self._errors: dict[str, str] = {}  # request id -> error, for a request finishing this step
+        self.step_cost = StepCost()  # fitted from record_step_time; sizes each step's new prompts
 
     # ------------------------------------------------------------------ requests in / out
     def add_request(self, request: Request) -> None:
@@ -168,8 +173,10 @@ class Scheduler:
         # 2) waiting requests, unless this step already had to preempt. Those whose grammar is still being
         # compiled are passed over (and put back in order), so they never hold up the requests behind them.
         skipped: list[Request] = []
+        limit = self._prompts_to_start(num_scheduled)
         while (
-            not preempted_now
+            len(new_reqs) < limit
+            and not preempted_now
             and len(self.waiting)
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
@@ -226,6 +233,24 @@ class Scheduler:
         if self.structured_output is not None:
             out.grammar = self._grammar_bitmask(num_scheduled)
         return out
+
+    def _prompts_to_start(self, num_scheduled: dict[str, int]) -> int:
+        """How many waiting requests this step may start, on top of the running rows in ``num_scheduled``."""
+        num_waiting = len(self.waiting)
+        if self.config.prefill_batching == "budget" or not num_waiting:
+            return num_waiting
+        # The next to start: the mean of what is left of their prompts.
+        head = list(itertools.islice(self.waiting, 64))
+        mean = sum(r.num_tokens - r.num_computed_tokens for r in head) / len(head)
+        # What the new prompts share: the step's fixed cost and the prefill chunks already in it (not its
+        # decode rows: see admission.py).
+        prefill, _ = _prefill_and_decodes(num_scheduled)
+        return prompts_to_start(self.step_cost.fixed_tokens + prefill, num_waiting, mean)
+
+    def record_step_time(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """The measured time of a step (scheduling, model, outputs): what ``StepCost`` learns from."""
+        if not sched_out.is_empty:
+            self.step_cost.observe(*_prefill_and_decodes(sched_out.num_scheduled_tokens), seconds)
 
     # ------------------------------------------------------------------ structured outputs
     def _grammar_ready(self, req: Request) -> bool:
@@ -325,3 +350,9 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_kv_blocks=self.kv.num_blocks,
         )
+
+
+def _prefill_and_decodes(num_scheduled: dict[str, int]) -> tuple[int, int]:
+    """(prompt tokens, one-token rows) of a step: its prefill and decode parts."""
+    ones = sum(1 for n in num_scheduled.values() if n == 1)
+    return sum(num_scheduled.values()) - ones, ones
