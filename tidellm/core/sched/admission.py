@@ -42,23 +42,44 @@ class StepCost:
         self._prior_r = _PRIOR_WEIGHT * inv
         self._a = np.zeros((3, 3))
         self._r = np.zeros(3)
-        self.fixed, self.per_token, self.per_decode = prior
+        self._theta = prior
+        self._stale = False
 
     def observe(self, prefill_tokens: int, decode_rows: int, seconds: float) -> None:
-        """One step's measured time."""
+        """One step's measured time (the fit is solved when next read, not every step)."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         x = np.array([1.0, float(prefill_tokens), float(decode_rows)]) / seconds
         self._a = FORGET * self._a + np.outer(x, x)
         self._r = FORGET * self._r + x
-        theta = np.linalg.solve(self._a + self._prior_a, self._r + self._prior_r)
-        if theta[1] > 0:  # a fit without a positive cost per token says nothing usable; keep the last one
-            self.fixed, self.per_token, self.per_decode = (float(max(t, 0.0)) for t in theta)
+        self._stale = True
+
+    def _fit(self) -> tuple[float, float, float]:
+        if self._stale:
+            self._stale = False
+            theta = np.linalg.solve(self._a + self._prior_a, self._r + self._prior_r)
+            if theta[1] > 0:  # a fit without a positive cost per token says nothing usable; keep the last one
+                fixed, per_token, per_decode = (float(max(t, 0.0)) for t in theta)
+                self._theta = (fixed, per_token, per_decode)
+        return self._theta
+
+    @property
+    def fixed(self) -> float:
+        return self._fit()[0]
+
+    @property
+    def per_token(self) -> float:
+        return self._fit()[1]
+
+    @property
+    def per_decode(self) -> float:
+        return self._fit()[2]
 
     @property
     def fixed_tokens(self) -> float:
         """A step's fixed cost in prefill-token equivalents."""
-        return self.fixed / self.per_token
+        fixed, per_token, _ = self._fit()
+        return fixed / per_token
 
 
 def prompts_to_start(step_tokens: float, num_waiting: int, prompt_tokens: float) -> int:
