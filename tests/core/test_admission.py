@@ -116,5 +116,13 @@ def test_record_step_time_feeds_the_fit() -> None:
 
 
 def test_prefill_batching_is_checked() -> None:
-    with pytest.raises(ValueError, match="prefill_batching must be 'adaptive' or 'budget'"):
+    with pytest.raises(ValueError, match="prefill_batching must be one of auto, adaptive, budget"):
         SchedulerConfig(prefill_batching="greedy")
+    assert SchedulerConfig().prefill_batching == "auto"  # adaptive in the scheduler, see below
+
+
+def test_auto_is_adaptive_in_the_scheduler() -> None:
+    auto = _sched("auto")
+    for i in range(16):
+        auto.add_request(req(f"r{i}", n_prompt=100, max_tokens=50))
+    assert _first_steps(auto, 2) == [1, 1]

@@ -175,6 +175,16 @@ def test_priority_order_under_load():
     assert order == [1, 2, 0]
 
 
+def test_offline_batches_fill_the_token_budget(llm_fp32):
+    """The offline LLM returns whole batches, so its steps fill the token budget (``prefill_batching auto``);
+    the server's latency-first batching is there when asked for."""
+    from tidellm import LLM
+
+    assert llm_fp32.engine.core.scheduler.config.prefill_batching == "budget"
+    llm = LLM("smollm2-135m", kv_cache_memory_gb=0.05, max_model_len=512, prefill_batching="adaptive")
+    assert llm.engine.core.scheduler.config.prefill_batching == "adaptive"
+
+
 def test_vllm_style_prompt_dicts(llm_fp32):
     """vLLM's TextPrompt / TokensPrompt dicts give what the string and the token ids give."""
     from tidellm import SamplingParams

@@ -8,7 +8,7 @@ from typing import Any
 DEFAULT_MODEL = "smollm2-135m"
 QUANTIZATION_CHOICES = ("auto", "none", "q8_0", "q4_1")  # see model_executor/quant/method.py
 ACTIVATION_QUANTIZATION_CHOICES = ("auto", "int8", "none")
-PREFILL_BATCHING_CHOICES = ("adaptive", "budget")
+PREFILL_BATCHING_CHOICES = ("auto", "adaptive", "budget")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -96,10 +96,11 @@ class SchedulerConfig:
         "fcfs", "Scheduling policy: fcfs, or priority (lower value first).", choices=("fcfs", "priority")
     )
     prefill_batching: str = _f(
-        "adaptive",
+        "auto",
         "How many waiting prompts a step starts. adaptive: the number that gets them their first tokens "
         "soonest, from the measured cost of steps (core/sched/admission.py); budget: as many as the step's "
-        "token budget holds.",
+        "token budget holds (the fewest steps). auto: adaptive, except in the offline LLM, whose outputs come "
+        "back all at once.",
         choices=PREFILL_BATCHING_CHOICES,
     )
 
@@ -112,7 +113,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be 'fcfs' or 'priority' (got {self.policy!r}).")
         if self.prefill_batching not in PREFILL_BATCHING_CHOICES:
             raise ValueError(
-                f"prefill_batching must be 'adaptive' or 'budget' (got {self.prefill_batching!r})."
+                f"prefill_batching must be one of {', '.join(PREFILL_BATCHING_CHOICES)} "
+                f"(got {self.prefill_batching!r})."
             )
 
 

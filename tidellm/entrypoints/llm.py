@@ -28,6 +28,11 @@ class LLM:
         configure_logging(kwargs.pop("log_level", "INFO"))
         if model is not None:
             kwargs["model"] = model
+        # Outputs come back when the whole batch is done, so no one waits on a first token: fill each step's
+        # token budget (the fewest steps), not the server's latency-first batching (offline 64 x 128 tokens:
+        # ~2% more tokens/s).
+        if kwargs.get("prefill_batching", "auto") == "auto":
+            kwargs["prefill_batching"] = "budget"
         self.engine = LLMEngine.from_kwargs(**kwargs)
 
     def get_tokenizer(self):

@@ -2,9 +2,9 @@
 
 Each step hands every request ``min(num_tokens - num_computed_tokens, budget left, chunk cap)`` tokens,
 running requests first (preempting the lowest-priority runner by recompute when blocks run out), then
-waiting requests with their prefix-cache hit subtracted: as many as the budget holds, or (``prefill_batching
-adaptive``, the default) as many as gets them their first tokens soonest (``admission.py``). There is no
-prefill/decode phase flag.
+waiting requests with their prefix-cache hit subtracted: as many as the budget holds (``prefill_batching
+budget``, the offline LLM's choice), or as many as gets them their first tokens soonest (``adaptive``, the
+server's; ``admission.py``). There is no prefill/decode phase flag.
 """
 
 from __future__ import annotations
