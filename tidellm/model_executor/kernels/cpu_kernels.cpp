@@ -1301,11 +1301,11 @@ void tide_paged_decode_bf16(const uint16_t* q, int64_t q_stride, const int64_t* 
 }
 
 void tide_run_layers(const TideLayer* layers, int64_t n, const TideStep* step, float* a, float* b,
-                        int64_t has_residual) {
+                     int64_t has_residual) {
   run_layers(layers, n, *step, a, b, has_residual != 0);
 }
 void tide_run_layers_bf16(const TideLayer* layers, int64_t n, const TideStep* step, uint16_t* a, uint16_t* b,
-                             int64_t has_residual) {
+                          int64_t has_residual) {
   run_layers(layers, n, *step, a, b, has_residual != 0);
 }
 
