@@ -223,6 +223,34 @@ def test_paged_decode_matches_gathered_sdpa(dim: int) -> None:
     torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_splits_uneven_rows_by_work(dtype: torch.dtype) -> None:
+    """Rows of very different lengths (a 300-token prefill chunk's rows see 1..300 keys, then decodes of 700 and
+    5): enough work for the threads, which split it by keys, not by rows; every row comes out as it does
+    computed alone (on one thread), bit for bit."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim, bs = 6, 2, 64, 16
+    lens = [*range(1, 301), 700, 5]
+    kv = torch.randn(2, 48, bs, kv_heads, dim).to(dtype)
+    table = torch.randperm(48)[:44].repeat(len(lens), 1)  # every row reads the same 44 blocks
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    seq_lens = torch.tensor(lens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        out = torch.full_like(q, float("nan"))
+        cpu_kernels.paged_decode(q, torch.arange(len(lens)), kv, table, seq_lens, 0.125, out)
+    finally:
+        torch.set_num_threads(threads)
+    for r in (0, 1, 150, 298, 299, 300, 301):
+        alone = torch.full_like(q[:1], float("nan"))
+        cpu_kernels.paged_decode(
+            q[r : r + 1], torch.tensor([0]), kv, table[:1], seq_lens[r : r + 1], 0.125, alone
+        )
+        assert torch.equal(out[r], alone[0]), r
+    assert not out.isnan().any()
+
+
 @pytest.mark.parametrize("dim", [16, 64, 128, 256])
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (8, 1), (4, 4)])
 def test_paged_decode_bf16_matches_fp32(dim: int, heads: int, kv_heads: int) -> None:

@@ -949,15 +949,27 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
   const T* vbase = kv + num_blocks * block_size * tok_stride;
   // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
   // when the API process or a client holds a core, so small batches stay on this thread.
+  // The (request, KV head) tasks go to the threads in contiguous runs of equal work (keys, plus a fixed part a
+  // task), not of equal count: a step's rows differ in length (a prefill chunk's rows from 1 key to thousands,
+  // decodes of young and old requests), and an even split by count left one thread waiting on the other.
+  constexpr int64_t kTaskKeys = 16;
+  std::vector<int64_t> cum(B + 1, 0);  // work before request b
   int64_t keys = 0;
-  for (int64_t b = 0; b < B; ++b) keys += window > 0 && seq_lens[b] > window ? window : seq_lens[b];
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = window > 0 && seq_lens[b] > window ? window : seq_lens[b];
+    keys += L;
+    cum[b + 1] = cum[b] + Hkv * (L + kTaskKeys);
+  }
 #pragma omp parallel if (keys * Hkv > 4096)
   {
     std::vector<float> scores, qf(G * D), of(G * D), row(D);
     std::vector<int64_t> slot;
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lo = cum[B] * t / nt, hi = cum[B] * (t + 1) / nt;  // this thread: tasks starting in [lo, hi)
+    for (int64_t b = std::upper_bound(cum.begin(), cum.end(), lo) - cum.begin() - 1; b < B && cum[b] < hi; ++b)
       for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t start = cum[b] + h * ((cum[b + 1] - cum[b]) / Hkv);
+        if (start < lo || start >= hi) continue;
         const int64_t first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
         const int64_t L = seq_lens[b] - first;  // keys first .. seq_len-1, scores indexed from 0
         scores.resize(G * L);
@@ -1038,9 +1050,9 @@ void paged_decode_any(const T* q, int64_t q_stride, const int64_t* rows, const T
      out);
 }
 
-// ---------------------------------------------------------------- a whole decode step's layers in one call
+// ---------------------------------------------------------------- a whole step's layers in one call
 // A Llama-style decoder (pre-norm RMSNorm, q|k|v and gate|up merged projections in blocks, RoPE, paged decode
-// attention, SwiGLU) run layer after layer for a batch of decode rows, so a step of a small model costs one
+// attention, SwiGLU) run layer after layer for a step's rows, so a step of a small model costs one
 // call from Python instead of about forty tensor ops and ten kernel calls per layer. Each stage is the kernel
 // the layer-by-layer path calls, with the same roundings, so both paths give the same numbers.
 struct TideBlocks {
