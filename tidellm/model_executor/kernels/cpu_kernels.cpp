@@ -424,8 +424,9 @@ void gemm_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint8_t* q, cons
 #define TIDE_VNNI 1
 // int8 activations against block weights with VNNI dot products (vpdpbusd: 64 byte products summed into 16
 // int32 lanes per instruction; on the Zen 5 we measured it issues as often as vdpbf16ps, ~8.5 G a second a
-// core, so twice the multiply-adds), as llama.cpp multiplies its Q4/Q8 weights. The activations are quantized per block of 32 (scale = absmax / 127,
-// rounded to nearest), so this path trades some precision for speed (docs/performance.md measures the drift).
+// core, so twice the multiply-adds), as llama.cpp multiplies its Q4/Q8 weights. The activations are quantized
+// per block of 32 (scale = absmax / 127, rounded to nearest), so this path trades some precision for speed
+// (docs/performance.md measures the drift).
 //
 // The weights are repacked once into panels of 16 rows (QuantizedTensor.panels): for panel g and block b the
 // codes of its 16 rows interleaved 4 bytes at a time, so that one 64-byte vector holds 4 consecutive codes of
@@ -947,8 +948,6 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
   const int64_t G = H / Hkv;
   const int64_t tok_stride = Hkv * D;
   const T* vbase = kv + num_blocks * block_size * tok_stride;
-  // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
-  // when the API process or a client holds a core, so small batches stay on this thread.
   // The (request, KV head) tasks go to the threads in contiguous runs of equal work (keys, plus a fixed part a
   // task), not of equal count: a step's rows differ in length (a prefill chunk's rows from 1 key to thousands,
   // decodes of young and old requests), and an even split by count left one thread waiting on the other.
@@ -960,6 +959,8 @@ void paged_decode(const T* q, int64_t q_stride, const int64_t* rows, const T* kv
     keys += L;
     cum[b + 1] = cum[b] + Hkv * (L + kTaskKeys);
   }
+  // A few requests' worth of keys is tens of microseconds of work: less than waking the other threads costs
+  // when the API process or a client holds a core, so small batches stay on this thread.
 #pragma omp parallel if (keys * Hkv > 4096)
   {
     std::vector<float> scores, qf(G * D), of(G * D), row(D);
