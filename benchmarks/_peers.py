@@ -49,6 +49,7 @@ class RunSettings:
     prefix_caching: bool
     vllm_reserved_cpus: int | None
     vllm_dtype: str
+    device: str = "cpu"  # where tidellm runs (the peers here are CPU builds)
     hf_dir: Path | None = None
     extra: dict[str, list[str]] = field(default_factory=dict)  # extra CLI arguments per engine
 
@@ -356,8 +357,11 @@ def tidellm_command(s: RunSettings, port: int) -> list[str]:
 def tidellm_version() -> dict[str, Any]:
     from tidellm import __version__
 
-    def git(*args: str) -> str:
-        r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    def git(*args: str) -> str:  # "" where there is no git or no repository (a copied tree)
+        try:
+            r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        except OSError:
+            return ""
         return r.stdout.strip() if r.returncode == 0 else ""
 
     return {

@@ -181,7 +181,8 @@ def markdown(res: dict[str, Any]) -> str:
     m, w, facts = res["machine"], res["workload"], res["model"]["facts"]
     lines += [
         f"- Machine: {m['cpu_model']}, {m['cpu_count']} logical cores, {m['mem_total_gb']:.0f} GiB RAM, flags "
-        f"{' '.join(m['cpu_flags']) or '–'}; kernel {m['kernel']}.",
+        f"{' '.join(m['cpu_flags']) or '–'}; kernel {m['kernel']}"
+        + (f"; GPU {m['gpu']} (tidellm runs on it)." if m.get("gpu") else "."),
         f"- Model: {res['model']['name']} ({facts['params_body_matmul'] / 1e6:.1f}M block + "
         f"{facts['params_lm_head'] / 1e6:.1f}M lm_head matmul parameters), from `{Path(facts['gguf']).name}` "
         f"({', '.join(facts['gguf_types'])}).",
@@ -268,7 +269,12 @@ def markdown(res: dict[str, Any]) -> str:
         g, bw = lim["gemm"], lim["memory_bandwidth"]
         lines += [
             "",
-            "## Machine limits (PyTorch, all threads, best of several runs)",
+            "## Machine limits "
+            + (
+                f"({lim['device']}: PyTorch, median of CUDA-event timings)"
+                if lim.get("device")
+                else "(PyTorch, all threads, best of several runs)"
+            ),
             "",
             f"- fp32 GEMM: {g['float32']['peak_flops'] / 1e9:.1f} GFLOP/s.",
             f"- bf16 GEMM: {g['bfloat16']['peak_flops'] / 1e9:.1f} GFLOP/s (fastest way: "

@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default, which on a 2-core machine halves its threads; 0 gives it all cores like the other engines. "
         "-1: vLLM's own default",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="Where tidellm runs (`tidellm serve --device`); the machine limits (MFU/MBU) are that device's. "
+        "cuda runs tidellm alone: the peers here are CPU builds",
+    )
     p.add_argument("--tidellm-args", default="", help="Extra `tidellm serve` arguments (one string)")
     p.add_argument("--vllm-args", default="", help="Extra vLLM server arguments (one string)")
     p.add_argument("--llamacpp-args", default="", help="Extra llama-server arguments (one string)")
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown or not args.engines:
         p.error(f"--engines: unknown {unknown}; choose from {','.join(ENGINES)}")
+    if args.device == "cuda" and args.engines != ["tidellm"]:
+        p.error("--device cuda measures tidellm alone (--engines tidellm): the peers here are CPU builds")
     levels = args.concurrency
     args.num_prompts = _per_level(p, "--num-prompts", args.num_prompts, levels, default_num_prompts)
     args.num_warmups = _per_level(p, "--num-warmups", args.num_warmups, levels, default_num_warmups)
@@ -161,7 +170,7 @@ def _per_level(p, flag: str, given: list[int] | None, levels: list[int], default
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     import psutil
 
     model, flags = "?", []
@@ -188,15 +197,23 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "load_avg_at_start": list(os.getloadavg()),
+        **({"gpu": _gpu_name()} if device == "cuda" else {}),
     }
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
 
 
 def measure_limits(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> dict[str, Any] | None:
     out = log_dir / "machine-limits.json"
     cmd = [sys.executable, str(Path(__file__).parent / "machine_limits.py"), "--json", str(out)]
+    cmd += ["--device", args.device]
     if args.quick_machine_limits:
         cmd.append("--quick")
-    print("[machine] measuring GEMM FLOP/s and memory bandwidth (~30 s)", flush=True)
+    print(f"[machine] measuring the {args.device}'s GEMM FLOP/s and memory bandwidth (~30 s)", flush=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0 or not out.exists():
         print(f"[machine] limits could not be measured (MFU/MBU left out):\n{r.stderr[-2000:]}", flush=True)
@@ -225,9 +242,10 @@ def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
     """What the engine computes in and reads per step: the inputs of MFU and MBU."""
     if engine == "tidellm":
         extra = s.extra.get("tidellm", [])
-        dtype = _tidellm_dtype(extra)
+        dtype = _tidellm_dtype(extra, s.device)
         profile = {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
-        if _flag(extra, "--quantization", "auto") == "auto":  # the GGUF's Q4_1 / Q8_0 blocks
+        # The GGUF's Q4_1 / Q8_0 blocks are kept on CPU only; a GPU gets them dequantized to the dtype.
+        if s.device == "cpu" and _flag(extra, "--quantization", "auto") == "auto":
             if _tidellm_int8(extra, dtype):  # read as the int8 kernel's panels (fp16 scales)
                 profile.update(
                     weight_storage="panels",
@@ -251,13 +269,13 @@ def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
     }
 
 
-def _tidellm_dtype(extra: list[str]) -> str:
-    """The dtype `tidellm serve` will run in: --dtype if given, else tidellm's own 'auto' rule."""
+def _tidellm_dtype(extra: list[str], device: str) -> str:
+    """The dtype `tidellm serve` will run in on ``device``: --dtype if given, else tidellm's own 'auto' rule."""
     import torch
 
     from tidellm.platforms import resolve_dtype
 
-    return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device("cpu"))).removeprefix("torch.")
+    return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device(device))).removeprefix("torch.")
 
 
 def _tidellm_int8(extra: list[str], dtype: str) -> bool:
@@ -509,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         prefix_caching=args.prefix_caching,
         vllm_reserved_cpus=None if args.vllm_reserved_cpus == -1 else args.vllm_reserved_cpus,
         vllm_dtype=args.vllm_dtype,
+        device=args.device,
         extra={
-            "tidellm": shlex.split(args.tidellm_args),
+            "tidellm": ["--device", args.device, *shlex.split(args.tidellm_args)],
             "vllm": shlex.split(args.vllm_args),
             "llamacpp": shlex.split(args.llamacpp_args),
         },
@@ -524,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": name,
         "started": started.isoformat(timespec="seconds"),
         "partial": True,
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "model": {"name": args.model, "served_name": args.served_name, "facts": facts},
         "workload": {
             "dataset": "random",

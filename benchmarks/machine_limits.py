@@ -5,7 +5,10 @@ datasheet, so they already include what PyTorch's kernels achieve on this CPU (o
 the bf16 figure is that of PyTorch's emulation). Every figure is the best of several repetitions with all
 threads, which is what "peak" means on a machine shared with others.
 
-Run alone:  .venv/bin/python benchmarks/machine_limits.py [--json FILE] [--quick]
+With ``--device cuda`` the same figures are measured on the GPU (``measure_cuda``): the GEMM rates of one
+large matmul and the bandwidth of a device-to-device copy, timed with CUDA events.
+
+Run alone:  .venv/bin/python benchmarks/machine_limits.py [--json FILE] [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -153,6 +156,73 @@ def measure(quick: bool = False) -> dict[str, Any]:
     return result
 
 
+# GPU: one GEMM size that fills the chip, and a copy far beyond its L2 (an H200 has 60 MB).
+CUDA_GEMM_SIZE = 8192
+CUDA_BANDWIDTH_BYTES = 2 * 2**30
+
+
+def _cuda_median_s(fn, reps: int) -> float:
+    """Median seconds of ``fn`` on the GPU (CUDA events around each call, after three warm-ups)."""
+    import statistics
+
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def measure_cuda(quick: bool = False) -> dict[str, Any]:
+    """The GPU's limits in ``measure``'s layout: GEMM FLOP/s on random data (fp32 without TF32, bf16) and the
+    bytes/s of a large device-to-device copy (read + write) and of a sum (read)."""
+    import torch
+
+    dev = torch.device("cuda")
+    reps = 5 if quick else 20
+    t0 = time.perf_counter()
+    gemm = {}
+    for name in ("float32", "bfloat16"):
+        n = CUDA_GEMM_SIZE
+        gen = torch.Generator(device=dev).manual_seed(n)
+        a = torch.randn(n, n, generator=gen, device=dev).to(getattr(torch, name))
+        b = torch.randn(n, n, generator=gen, device=dev).to(getattr(torch, name))
+        out = torch.empty_like(a)
+        t = _cuda_median_s(lambda a=a, b=b, out=out: torch.matmul(a, b, out=out), reps)
+        per = {"peak_flops": 2.0 * n**3 / t, "variant": "matmul", "per_size": {str(n): {"median_s": t}}}
+        gemm[name] = (
+            per if name == "float32" else {**per, "best_variant": "matmul", "variants": {"matmul": per}}
+        )
+        del a, b, out
+    n = CUDA_BANDWIDTH_BYTES // 4
+    src = torch.rand(n, device=dev)
+    dst = torch.empty_like(src)
+    copy_bps = 2.0 * CUDA_BANDWIDTH_BYTES / _cuda_median_s(lambda: dst.copy_(src), reps)
+    read_bps = CUDA_BANDWIDTH_BYTES / _cuda_median_s(lambda: src.sum(), reps)
+    return {
+        "device": f"cuda ({torch.cuda.get_device_name(dev)})",
+        "torch_version": torch.__version__,
+        "tf32": torch.backends.cuda.matmul.allow_tf32,
+        "gemm": gemm,
+        "memory_bandwidth": {
+            "peak_bytes_per_s": max(copy_bps, read_bps),
+            "copy_bytes_per_s": copy_bps,
+            "read_bytes_per_s": read_bps,
+            "buffer_bytes": CUDA_BANDWIDTH_BYTES,
+            "reps": {"copy": reps, "sum": reps},
+        },
+        "native_bf16": True,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def summary_line(limits: dict[str, Any]) -> str:
     g = limits["gemm"]
     bw = limits["memory_bandwidth"]
@@ -160,7 +230,8 @@ def summary_line(limits: dict[str, Any]) -> str:
         f"GEMM fp32 {g['float32']['peak_flops'] / 1e9:.1f} GFLOP/s, bf16 {g['bfloat16']['peak_flops'] / 1e9:.1f} "
         f"GFLOP/s (best way: {g['bfloat16']['best_variant']}; native bf16 matmul "
         f"{g['bfloat16']['variants']['matmul']['peak_flops'] / 1e9:.1f}); memory {bw['peak_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f}, "
-        f"read {bw['read_bytes_per_s'] / 1e9:.1f}); {limits['torch_threads']} threads"
+        f"read {bw['read_bytes_per_s'] / 1e9:.1f}); "
+        + (limits.get("device") or f"{limits['torch_threads']} threads")
     )
 
 
@@ -168,8 +239,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="FILE", help="Also write the figures as JSON here ('-' for stdout).")
     p.add_argument("--quick", action="store_true", help="Smaller sizes and fewer reps (a rough figure).")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Measure the CPU or the GPU.")
     args = p.parse_args()
-    limits = measure(quick=args.quick)
+    limits = measure_cuda(quick=args.quick) if args.device == "cuda" else measure(quick=args.quick)
     if args.json == "-":
         print(json.dumps(limits, indent=2))
         return 0

@@ -77,8 +77,8 @@ class FusedLayers:
         """For a LlamaModel whose every layer is eligible; None otherwise (the layer-by-layer path)."""
         from tidellm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
-        if not cpu_kernels.available():
-            return None
+        if next(model.parameters()).device.type != "cpu" or not cpu_kernels.available():
+            return None  # (on a GPU, without building the CPU kernels)
         layers: list[tuple[cpu_kernels.Layer, int]] = []
         fmts: set[str] = set()
         int8s: set[bool] = set()

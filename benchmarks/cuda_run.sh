@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The CUDA figures of docs/performance.md, on a machine with an NVIDIA GPU, in one go (a lent GPU's time is
+# short): the CUDA tests, the GPU's limits and where a decode step's time goes (step_profile.py), and the
+# served benchmark of compare.py on the GPU (tokens/s, TTFT, TPOT at concurrency 1/16/64, MFU/MBU).
+#
+#   bash benchmarks/cuda_run.sh OUT_DIR
+#
+# Expects tidellm and its dependencies importable by $PYTHON (default python3), a `tidellm` command on PATH
+# (compare.py starts `tidellm serve`) and the default model in the tidellm cache ($TIDELLM_CACHE_DIR): the
+# machine needs no network. Every step runs even if one before it failed; the exit code is the first failure.
+set -uo pipefail
+out=${1:?usage: cuda_run.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+rc=0
+step() { # step NAME CMD...: run CMD, its output into OUT_DIR/NAME.log (and the terminal), remember a failure
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$out/$name.log"
+    local s=${PIPESTATUS[0]}
+    echo "=== $name: exit $s"
+    [ "$rc" -ne 0 ] || rc=$s
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+# Correctness: the model tests parametrized over devices, then parity with transformers (fp32, greedy) of the
+# whole engine, which runs on the GPU by itself (device auto).
+step tests_cuda "$py" -m pytest -q -p no:cacheprovider -rf tests/model_executor/test_llama.py -k cuda
+step tests_parity "$py" -m pytest -q -p no:cacheprovider -rf tests/engine/test_parity.py
+step step_profile "$py" benchmarks/step_profile.py --device cuda --json "$out/step_profile.json"
+step compare "$py" benchmarks/compare.py --engines tidellm --device cuda --skip-setup --settle-s 0 \
+    --out-dir "$out" --name cuda --log-dir /tmp/tidellm-compare-cuda
+tail -n 40 /tmp/tidellm-compare-cuda/tidellm-server.log >"$out/server-tail.log" 2>/dev/null
+exit "$rc"
