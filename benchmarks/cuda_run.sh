@@ -14,22 +14,22 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 rc=0
-step() { # step NAME CMD...: run CMD, its output into OUT_DIR/NAME.log (and the terminal), remember a failure
+step() { # step NAME CMD...: run CMD, its output appended to OUT_DIR/run.log (and shown), remember a failure
     local name=$1
     shift
-    echo "=== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.log"
+    echo "=== $name: $*" | tee -a "$out/run.log"
+    "$@" 2>&1 | grep --line-buffered -v '^USDT:' | tee -a "$out/run.log" # (the profiler's start/stop lines)
     local s=${PIPESTATUS[0]}
-    echo "=== $name: exit $s"
+    echo "=== $name: exit $s" | tee -a "$out/run.log"
     [ "$rc" -ne 0 ] || rc=$s
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+step gpu nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 # Correctness: the model tests parametrized over devices, then parity with transformers (fp32, greedy) of the
 # whole engine, which runs on the GPU by itself (device auto).
 step tests_cuda "$py" -m pytest -q -p no:cacheprovider -rf tests/model_executor/test_llama.py -k cuda
 step tests_parity "$py" -m pytest -q -p no:cacheprovider -rf tests/engine/test_parity.py
 step step_profile "$py" benchmarks/step_profile.py --device cuda --json "$out/step_profile.json"
 step compare "$py" benchmarks/compare.py --engines tidellm --device cuda --skip-setup --settle-s 0 \
-    --out-dir "$out" --name cuda --log-dir /tmp/tidellm-compare-cuda
+    --out-dir "$out/compare" --name cuda --log-dir /tmp/tidellm-compare-cuda
 tail -n 40 /tmp/tidellm-compare-cuda/tidellm-server.log >"$out/server-tail.log" 2>/dev/null
 exit "$rc"
