@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA figures of docs/performance.md, on a machine with an NVIDIA GPU, in one go (a lent GPU's time is
-# short): the CUDA tests, the GPU's limits and where a decode step's time goes (step_profile.py), and the
-# served benchmark of compare.py on the GPU (tokens/s, TTFT, TPOT at concurrency 1/16/64, MFU/MBU).
+# short): the CUDA tests, the attention backends' cost per decode call (sdpa_backends.py), the GPU's limits
+# and where a decode step's time goes (step_profile.py), and the served benchmark of compare.py on the GPU
+# (tokens/s, TTFT, TPOT at concurrency 1/16/64, MFU/MBU).
 #
 #   bash benchmarks/cuda_run.sh OUT_DIR
 #
@@ -28,6 +29,7 @@ step gpu nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,c
 # whole engine, which runs on the GPU by itself (device auto).
 step tests_cuda "$py" -m pytest -q -p no:cacheprovider -rf tests/model_executor/test_llama.py -k cuda
 step tests_parity "$py" -m pytest -q -p no:cacheprovider -rf tests/engine/test_parity.py
+step sdpa_backends "$py" benchmarks/sdpa_backends.py
 step step_profile "$py" benchmarks/step_profile.py --device cuda --json "$out/step_profile.json"
 step compare "$py" benchmarks/compare.py --engines tidellm --device cuda --skip-setup --settle-s 0 \
     --out-dir "$out/compare" --name cuda --log-dir /tmp/tidellm-compare-cuda

@@ -28,7 +28,7 @@ from tidellm.model_executor.quant.method import (
     int8_activations,
     plan_quantization,
 )
-from tidellm.platforms import available_memory_bytes
+from tidellm.platforms import attention_backends, available_memory_bytes
 from tidellm.sample.bitmask import unpack_bitmask
 from tidellm.sample.metadata import RowState, SamplingMetadata
 from tidellm.sample.sampler import Sampler, compute_prompt_logprobs
@@ -119,7 +119,7 @@ class ModelRunner:
         layer_meta = [metas[g] for g in self._layer_group] if len(metas) > 1 else None
         input_ids = torch.from_numpy(step.input_ids).to(self.device)
         positions = torch.from_numpy(step.positions).to(self.device)
-        with set_forward_context(metas[0], self.kv_caches, layer_meta):
+        with set_forward_context(metas[0], self.kv_caches, layer_meta), attention_backends(self.device):
             hidden = self.model(input_ids, positions)  # [T, H]
 
         prompt_lp = self._prompt_logprobs(states, step, hidden)

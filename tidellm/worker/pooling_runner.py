@@ -20,6 +20,7 @@ from tidellm.model_executor.layers.pooler import Pooler
 from tidellm.model_executor.loader import ModelSource
 from tidellm.model_executor.loader.pooling_config import read_pooling_config
 from tidellm.model_executor.models.bert import max_input_positions
+from tidellm.platforms import attention_backends
 from tidellm.worker.kv_cache import KVCachePlan
 from tidellm.worker.model_runner import LoadReport, load_model
 
@@ -71,7 +72,8 @@ class PoolingModelRunner:
         )
         positions = torch.from_numpy(np.concatenate([np.arange(n, dtype=np.int64) for n in lens]))
         meta = EncoderMetadata.build(lens, self.device)
-        hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)  # [T, H]
+        with attention_backends(self.device):
+            hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)  # [T, H]
         pooled = self.pooler(hidden, meta)  # [B, H] fp32
         return PoolingRunnerOutput(list(sched.req_ids), pooled.cpu().tolist())
 

@@ -125,7 +125,7 @@ def _decode(
         o = F.scaled_dot_product_attention(
             qd[s:e], kv[0], kv[1], attn_mask=mask, scale=scale
         )  # [n, Hkv, G, D]
-        o = o.view(n, num_heads, head_dim)
+        o = o.reshape(n, num_heads, head_dim)  # (SDPA on CUDA may return it strided)
         if d.token_idx is None:
             out[d.token_start + s : d.token_start + e] = o
         else:
