@@ -67,10 +67,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
     """Around a forward pass: the kernels ``scaled_dot_product_attention`` may pick on ``device``.
 
-    On CUDA, every one but cuDNN's. PyTorch may prefer cuDNN attention on Hopper, which builds a graph for each
-    new shape: a decode step's key length grows every step, and the builds cost ~2 ms an attention call on an
-    H200 (58 ms a one-sequence step against 1.7 ms of kernels); it also returns its output in another stride
-    order. Flash and memory-efficient attention need no build."""
+    On CUDA, every one but cuDNN's, which PyTorch may prefer on Hopper: it builds a graph for each new shape, and
+    a decode step's key length grows every step. On an H200 a decode attention call took 42 ms by default and
+    65 µs without cuDNN (``benchmarks/sdpa_backends.py``; docs/performance.md, GPU). Flash and memory-efficient
+    attention need no build."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
