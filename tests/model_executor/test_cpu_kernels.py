@@ -509,3 +509,36 @@ def test_int8_activation_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         quant_method.int8_activations("int8", torch.float32, cpu)
     with pytest.raises(ValueError, match="must be one of auto, int8, none"):
         quant_method.int8_activations("fp8", torch.float32, cpu)
+
+
+def test_sample_kernel_argmax_and_truncated_draws() -> None:
+    """The sampler's kernel on this build: the first argmax (ties, -inf, a tail past the vector width) and draws
+    that follow torch's tempered, top-k/top-p/min-p-cut distribution (a chi-square bound, nothing outside it)."""
+    from tidellm.sample.sampler import apply_top_k_top_p
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1003, generator=g)
+    logits[1, 7] = logits[1, 900] = 50.0  # tied maxima: the first wins
+    logits[2, :] = float("-inf")
+    logits[2, 1002] = 0.0  # the only finite token, in the tail
+    assert cpu_kernels.sample(logits, None, None, None, None, None).tolist() == logits.argmax(-1).tolist()
+
+    v, n = 37, 8000
+    row = torch.randn(v, generator=g) * 2.0
+    row[5] = float("-inf")  # a masked token (a grammar's) is never drawn
+    t, k, p, m = 0.9, 12, 0.8, 0.02
+    x = apply_top_k_top_p((row / t).unsqueeze(0), torch.tensor([k]), torch.tensor([p]))
+    probs = torch.softmax(x, -1)[0]
+    probs = probs.masked_fill(probs < m * probs.max(), 0.0)
+    probs /= probs.sum()
+    full = lambda value, dtype=torch.float32: torch.full((n,), value, dtype=dtype)  # noqa: E731
+    draws = cpu_kernels.sample(
+        row.expand(n, v), full(t), full(k, torch.int64), full(p), full(m), torch.arange(n) * 7919
+    )
+    counts = torch.bincount(draws, minlength=v).double()
+    expected = probs.double() * n
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "drew a token the cuts remove"
+    chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10

@@ -20,6 +20,16 @@ SEED_STRIDE = 1_000_003  # as the model runner mixes a request's seed with its o
 sampler = Sampler()
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def sampling_path(request, monkeypatch) -> str:
+    """Every test on both sampling paths: the compiled CPU kernel and torch (the GPU path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampler_mod, "use_kernel", lambda logits: False)
+    elif not sampler_mod.use_kernel(torch.zeros(1, 1)):
+        pytest.skip("the CPU kernels cannot be built here")
+    return request.param
+
+
 def rows_for(params, prompts=None, outputs=None, eos=None, gens=None):
     n = len(params)
     prompts, outputs, gens, eos = (
@@ -348,3 +358,66 @@ def test_compute_prompt_logprobs():
         assert ids[1:] == ref[t].topk(2).indices.tolist() and lps[1] >= lps[2]
     assert [e[0] for e in compute_prompt_logprobs(logits, targets, 0)] == [[t] for t in targets.tolist()]
     assert compute_prompt_logprobs(logits[:0], targets[:0], 2) == []
+
+
+# ------------------------------------------------------------------------ the kernel against torch's cuts
+def _torch_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution torch's path samples one row from: temperature, top-k/top-p, min-p, softmax."""
+    meta = SamplingMetadata.build(rows_for([p]), logits.shape[0], "cpu")
+    x = logits.unsqueeze(0) / meta.temperature.unsqueeze(1)
+    if meta.top_k is not None or meta.top_p is not None:
+        x = apply_top_k_top_p(x, meta.top_k, meta.top_p)
+    probs = torch.softmax(x, dim=-1)
+    if meta.min_p is not None:
+        probs = probs.masked_fill(probs < meta.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
+    return (probs / probs.sum()).squeeze(0)
+
+
+CUTS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(top_p=0.6),
+    SamplingParams(temperature=0.5, top_p=0.95),
+    SamplingParams(min_p=0.05),
+    SamplingParams(temperature=1.5, top_k=20, top_p=0.7, min_p=0.02),
+]
+
+
+@pytest.mark.parametrize("params", CUTS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # flat rows (every cut decided on all tokens) and peaked ones
+def test_draws_follow_torchs_truncated_distribution(sampling_path, params, scale):
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(7)) * scale
+    probs = _torch_distribution(logits, params)
+    samples = draws(logits, params, 6000, seed=1)
+    dof = int((probs > 0).sum()) - 1
+    assert chi_square(samples, probs) < dof + 6 * (2 * dof) ** 0.5 + 10  # and nothing outside the support
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(top_p=0.9), SamplingParams(top_k=40), SamplingParams(min_p=0.05, top_p=0.99)],
+    ids=["top_p", "top_k", "min_p"],
+)
+def test_large_vocabulary_draws_stay_in_torchs_support(sampling_path, params):
+    """A 49k vocabulary shaped like a model's logits (a few strong tokens over a broad tail): every draw is a
+    token torch's cuts keep, and the strongest tokens come up about as often as torch gives them."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(49152, generator=g) * 2.0
+    logits[torch.randperm(49152, generator=g)[:8]] += torch.linspace(6.0, 11.0, 8)
+    probs = _torch_distribution(logits, params)
+    samples = draws(logits, params, 512, seed=2)
+    assert bool((probs[samples] > 0).all())
+    top = int(probs.argmax())
+    assert abs(float((samples == top).float().mean()) - float(probs[top])) < 0.08
+
+
+def test_equal_logits_keep_every_tied_token(sampling_path):
+    """top-p's cut is a logit threshold, so ties at it are all kept: on a flat row nothing is cut."""
+    logits = torch.zeros(V)
+    got = set(draws(logits, SamplingParams(top_p=0.3, top_k=3), 3000).tolist())
+    assert got == set(range(V))
+
+
+def test_greedy_takes_the_first_of_tied_maxima(sampling_path):
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [float("-inf"), -1.0, -1.0, float("-inf")]])
+    assert run(logits, [SamplingParams(temperature=0)] * 2).sampled_token_ids == [1, 1]

@@ -51,6 +51,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     for name in (
         "matmul", "matmul_bf16_dot", "matmul_i8", "rms_norm", "paged_decode", "dequantize", "run_layers",
+        "sample",
     ):  # fmt: skip
         monkeypatch.setattr(cpu_kernels, name, count(name, getattr(cpu_kernels, name)))
     monkeypatch.setattr(sdpa_backend, "_decode", count("slow_decode", sdpa_backend._decode))
@@ -94,6 +95,7 @@ def test_default_model_runs_on_the_fast_cpu_paths(llm, monkeypatch: pytest.Monke
     # one, else the fp32 one (bf16 batches of 4+ rows on AVX-512 BF16 CPUs: the vdpbf16ps one)
     kernels = ("matmul_i8",) if int8 else ("matmul", "matmul_bf16_dot")
     assert sum(calls[k] for k in kernels) == steps
+    assert calls["sample"] == steps  # the sampler's compiled call, not torch's argmax
     for slow in ("slow_decode", "slow_rms_norm", "linear", "dequantize"):
         assert calls[slow] == 0, f"fell back to {slow}"
 

@@ -123,6 +123,8 @@ def library() -> ctypes.CDLL:
     for name in ("tide_run_layers", "tide_run_layers_bf16"):
         getattr(lib, name).argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64]
         getattr(lib, name).restype = None
+    lib.tide_sample.argtypes = [_ptr, _i64, _i64] + [_ptr] * 6
+    lib.tide_sample.restype = None
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 
@@ -220,6 +222,32 @@ def matmul_i8(x: torch.Tensor, w, out_dtype: torch.dtype | None = None) -> torch
     )  # fmt: skip
     if not done:
         raise KernelUnavailable("this build has no AVX-512 VNNI kernels (check has_vnni() first)")
+    return out
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    keys: torch.Tensor | None,
+) -> torch.Tensor:
+    """One token per row of fp32 ``logits`` [N, V] -> int64 [N]: the first argmax where ``temperature`` is
+    <= 0 (or None: every row greedy), else a draw from softmax(logits / temperature) cut by top-k (int64, V =
+    off), top-p (1 = off) and min-p (0 = off) as ``sampler.apply_top_k_top_p`` and min-p cut it. A row's draw
+    is one uniform number that is a pure function of its ``keys`` entry (int64 [N]). Per-row tensors are [N]
+    (float32 but top_k), or None where no row uses them."""
+    logits = logits.contiguous()
+    n, v = logits.shape
+    out = torch.empty(n, dtype=torch.int64)
+    args = []
+    for t, dtype in ((temperature, torch.float32), (top_k, torch.int64), (top_p, torch.float32)):
+        args.append(None if t is None else t.to(dtype).contiguous())
+    args.append(None if min_p is None else min_p.to(torch.float32).contiguous())
+    args.append(None if keys is None else keys.to(torch.int64).contiguous())
+    ptrs = [0 if t is None else t.data_ptr() for t in args]
+    library().tide_sample(logits.data_ptr(), n, v, *ptrs, out.data_ptr())
     return out
 
 

@@ -1153,6 +1153,189 @@ void run_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, T* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------- sampling
+// One token per row of logits [n, v] (sample_rows). torch spends ~7 ms on 16 rows of a 49k vocabulary to draw
+// an exponential race (a uniform number, two logs and a division per token, then argmax) and ~3 ms more on
+// top-p's top-1024 candidates, as long as the model's whole step; and its argmax is ~15 µs a row, scalar.
+// Here a greedy row is a vectorized max and a search for its first index; a sampled row is two passes over
+// the row (the truncation's threshold, then e^(l - max) into a scratch row and its sum) and a scan of the
+// scratch row to where the cumulative mass passes u * sum: inverse-CDF sampling with one uniform number.
+
+// splitmix64: a row's uniform number is a pure function of its key (seeded rows: seed and output position),
+// so a seeded row's token depends on nothing else in the batch.
+inline uint64_t mix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+inline float row_max(const float* x, int64_t v) {
+  float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < v; ++i) mx = x[i] > mx ? x[i] : mx;
+  return mx;
+}
+
+// The first i with x[i] == target (0 if none: a row of NaNs).
+inline int64_t first_index(const float* x, int64_t v, float target) {
+  int64_t i = 0;
+#if defined(TIDE_AVX512)
+  const __m512 t = _mm512_set1_ps(target);
+  for (; i + 16 <= v; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), t, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+#elif defined(TIDE_AVX2)
+  const __m256 t = _mm256_set1_ps(target);
+  for (; i + 8 <= v; i += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+#endif
+  for (; i < v; ++i)
+    if (x[i] == target) return i;
+  return 0;
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// e[i] = e^(x[i] / t - ms) where x[i] / t >= thr and is finite, else 0 (e may be null: the sum alone); returns
+// the sum. ms is the row's maximum of x / t, so every exponent is <= 0.
+float scaled_exp(const float* x, int64_t v, float t, float ms, float thr, float* e) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef TIDE_AVX2
+  const vf vt = vbcast(t), vms = vbcast(-ms);
+  vf acc = vzero();
+  for (; i + kLanes <= v; i += kLanes) {
+    const vf l = vdiv(vload(x + i), vt);
+    vf w = vexp_nonpos(vadd(l, vms));
+#if defined(TIDE_AVX512)
+    const __mmask16 keep = _mm512_cmp_ps_mask(l, vbcast(thr), _CMP_GE_OQ) &
+                           _mm512_cmp_ps_mask(l, vbcast(kNegInf), _CMP_GT_OQ);
+    w = _mm512_maskz_mov_ps(keep, w);
+#else
+    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(l, vbcast(thr), _CMP_GE_OQ),
+                                      _mm256_cmp_ps(l, vbcast(kNegInf), _CMP_GT_OQ));
+    w = _mm256_and_ps(w, keep);
+#endif
+    if (e) store(e + i, w);
+    acc = vadd(acc, w);
+  }
+  sum = vsum(acc);
+#endif
+  for (; i < v; ++i) {
+    const float l = x[i] / t;
+    const float w = (l >= thr && l > kNegInf) ? exp_nonpos(l - ms) : 0.f;
+    if (e) e[i] = w;
+    sum += w;
+  }
+  return sum;
+}
+
+struct Cand {
+  float l;  // logit / temperature
+  float e;  // e^(l - max l)
+};
+
+// The largest value T among c[0, n) whose tokens at or above it hold mass >= P: where top-p cuts (the last
+// token of the shortest descending prefix with mass P has value T, and ties with it stay). A weighted
+// quickselect, expected linear: a model unsure of its next token spreads 95% of the mass over thousands of
+// tokens, which a sort would take milliseconds a row to order.
+float mass_threshold(Cand* c, int64_t n, double P) {
+  int64_t lo = 0, hi = n;
+  float last = kNegInf;
+  while (lo < hi) {
+    const float a = c[lo].l, b = c[(lo + hi) / 2].l, d = c[hi - 1].l;
+    const float pv = std::max(std::min(a, b), std::min(std::max(a, b), d));  // median of three
+    Cand* gt = std::partition(c + lo, c + hi, [pv](const Cand& x) { return x.l > pv; });
+    Cand* eq = std::partition(gt, c + hi, [pv](const Cand& x) { return x.l == pv; });
+    double m_gt = 0.0, m_eq = 0.0;
+    for (Cand* x = c + lo; x < gt; ++x) m_gt += x->e;
+    for (Cand* x = gt; x < eq; ++x) m_eq += x->e;
+    if (m_gt >= P) {
+      hi = gt - c;  // the cut is above the pivot
+      continue;
+    }
+    if (m_gt + m_eq >= P) return pv;
+    P -= m_gt + m_eq;  // the cut is below: those tokens are all kept
+    last = pv;
+    lo = eq - c;
+  }
+  return last;  // rounding left P past the row's mass: everything is kept down to the smallest value seen
+}
+
+// The threshold (in logits / temperature) that top-k, then top-p over the top-k survivors, put on a row, as
+// sampler.apply_top_k_top_p computes it: the k-th largest value (ties kept), then top-p's cut (mass_threshold)
+// within the survivors. e holds every token's e^(l - max l) and z their sum. Only candidates are looked at:
+// the tokens within 4 of the maximum, else 8, 16, or all, the first of these sets that holds k tokens (with
+// top-k) or top_p of the mass (without).
+float truncation_threshold(const float* x, int64_t v, float t, const float* e, double z, int64_t top_k,
+                           float top_p, std::vector<Cand>& cand) {
+  const bool k_on = top_k < v, p_on = top_p < 1.f;
+  for (const float level : {std::exp(-4.f), std::exp(-8.f), std::exp(-16.f), 0.f}) {
+    cand.clear();
+    double mass = 0.0;
+    for (int64_t i = 0; i < v; ++i) {
+      if (e[i] > 0.f && e[i] >= level) {
+        cand.push_back({x[i] / t, e[i]});
+        mass += e[i];
+      }
+    }
+    int64_t n = static_cast<int64_t>(cand.size());
+    if (level > 0.f && (k_on ? n < top_k : mass < top_p * z)) continue;
+    if (n == 0) return kNegInf;
+    float thr = kNegInf;
+    if (k_on) {
+      const int64_t k = std::min(top_k, n);
+      std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
+                       [](const Cand& a, const Cand& b) { return a.l > b.l; });
+      thr = cand[k - 1].l;
+      n = std::partition(cand.begin(), cand.end(), [thr](const Cand& a) { return a.l >= thr; }) - cand.begin();
+      z = 0.0;  // top-p renormalises over the survivors
+      for (int64_t j = 0; j < n; ++j) z += cand[j].e;
+    }
+    if (!p_on) return thr;
+    return std::max(thr, mass_threshold(cand.data(), n, top_p * z));
+  }
+  return kNegInf;
+}
+
+int64_t sample_row(const float* x, int64_t v, float t, int64_t top_k, float top_p, float min_p, uint64_t key,
+                   std::vector<float>& e, std::vector<Cand>& cand) {
+  const float mx = row_max(x, v);
+  if (t <= 0.f || !std::isfinite(mx)) return first_index(x, v, mx);
+  const float ms = mx / t;
+  e.resize(v);
+  float sum = scaled_exp(x, v, t, ms, kNegInf, e.data());
+  float thr = kNegInf;
+  if (top_k < v || top_p < 1.f) thr = truncation_threshold(x, v, t, e.data(), sum, top_k, top_p, cand);
+  if (min_p > 0.f) thr = std::max(thr, ms + std::log(min_p));  // p >= min_p * p_max, as a logit
+  if (thr > kNegInf) sum = scaled_exp(x, v, t, ms, thr, e.data());
+  const double target = (mix64(key) >> 11) * 0x1.0p-53 * sum;  // u * sum, u in [0, 1)
+  // The first token where the cumulative mass passes the target: whole blocks of 64 first, then inside one.
+  double cum = 0.0;
+  int64_t last = first_index(x, v, mx);  // where rounding leaves the target past the end: a token with mass
+  for (int64_t b = 0; b < v; b += 64) {
+    const int64_t end = std::min(b + 64, v);
+    float block = 0.f;
+#pragma omp simd reduction(+ : block)
+    for (int64_t i = b; i < end; ++i) block += e[i];
+    if (cum + block <= target) {
+      cum += block;
+      continue;
+    }
+    for (int64_t i = b; i < end; ++i) {
+      if (e[i] == 0.f) continue;
+      cum += e[i];
+      last = i;
+      if (cum > target) return i;
+    }
+  }
+  return last;
+}
+
 }  // namespace
 
 extern "C" {
@@ -1320,6 +1503,24 @@ void tide_run_layers(const TideLayer* layers, int64_t n, const TideStep* step, f
 void tide_run_layers_bf16(const TideLayer* layers, int64_t n, const TideStep* step, uint16_t* a, uint16_t* b,
                           int64_t has_residual) {
   run_layers(layers, n, *step, a, b, has_residual != 0);
+}
+
+// logits [n, v] fp32 contiguous; per row temperature (<= 0: greedy; temps == nullptr: all greedy), top_k
+// (>= v: off), top_p (>= 1: off), min_p (<= 0: off) and the key of its uniform number; out [n] token ids.
+void tide_sample(const float* logits, int64_t n, int64_t v, const float* temps, const int64_t* top_k,
+                 const float* top_p, const float* min_p, const uint64_t* keys, int64_t* out) {
+#pragma omp parallel if (n > 1 && n * v >= (int64_t{1} << 17))
+  {
+    std::vector<float> e;
+    std::vector<Cand> cand;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < n; ++r) {
+      const float* x = logits + r * v;
+      out[r] = temps == nullptr ? first_index(x, v, row_max(x, v))
+                                : sample_row(x, v, temps[r], top_k ? top_k[r] : v, top_p ? top_p[r] : 1.f,
+                                             min_p ? min_p[r] : 0.f, keys ? keys[r] : 0, e, cand);
+    }
+  }
 }
 
 int tide_simd_level() {
