@@ -1154,12 +1154,14 @@ void run_layers(const TideLayer* layers, int64_t n, const TideStep& s, T* a, T* 
 }
 
 // ---------------------------------------------------------------------------------------------- sampling
-// One token per row of logits [n, v] (sample_rows). torch spends ~7 ms on 16 rows of a 49k vocabulary to draw
-// an exponential race (a uniform number, two logs and a division per token, then argmax) and ~3 ms more on
-// top-p's top-1024 candidates, as long as the model's whole step; and its argmax is ~15 µs a row, scalar.
-// Here a greedy row is a vectorized max and a search for its first index; a sampled row is two passes over
-// the row (the truncation's threshold, then e^(l - max) into a scratch row and its sum) and a scan of the
-// scratch row to where the cumulative mass passes u * sum: inverse-CDF sampling with one uniform number.
+// One token per row of logits [n, v] (tide_sample). On 16 rows of a 49k vocabulary torch takes ~7 ms to draw an
+// exponential race (a uniform number, two logs and a division per token, then argmax) and ~12 ms with top-p
+// (its top-1024 candidates; 18-23 ms on a model's own logits, whose rows they often leave to a full sort), as
+// long as the model's whole step; even its argmax is ~15 µs a row, scalar. Here a greedy row is a vectorized
+// max and a search for its first index. A sampled row gets e^(l - max l) and their sum in one vectorized pass;
+// a cut (top-k, top-p, min-p) becomes a logit threshold found among the tokens near the maximum and a second
+// pass zeroes what falls below it; then a scan to where the cumulative mass passes u * sum draws the token
+// (inverse CDF, one uniform number).
 
 // splitmix64: a row's uniform number is a pure function of its key (seeded rows: seed and output position),
 // so a seeded row's token depends on nothing else in the batch.
@@ -1316,7 +1318,7 @@ int64_t sample_row(const float* x, int64_t v, float t, int64_t top_k, float top_
   const double target = (mix64(key) >> 11) * 0x1.0p-53 * sum;  // u * sum, u in [0, 1)
   // The first token where the cumulative mass passes the target: whole blocks of 64 first, then inside one.
   double cum = 0.0;
-  int64_t last = first_index(x, v, mx);  // where rounding leaves the target past the end: a token with mass
+  int64_t last = -1;  // the last token with mass passed, for rounding that leaves the target past the end
   for (int64_t b = 0; b < v; b += 64) {
     const int64_t end = std::min(b + 64, v);
     float block = 0.f;
@@ -1333,7 +1335,7 @@ int64_t sample_row(const float* x, int64_t v, float t, int64_t top_k, float top_
       if (cum > target) return i;
     }
   }
-  return last;
+  return last >= 0 ? last : first_index(x, v, mx);
 }
 
 }  // namespace
