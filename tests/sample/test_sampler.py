@@ -384,7 +384,7 @@ CUTS = [
 
 
 @pytest.mark.parametrize("params", CUTS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
-@pytest.mark.parametrize("scale", [0.3, 3.0])  # flat rows (every cut decided on all tokens) and peaked ones
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # flat rows (every token a candidate) and spread ones
 def test_draws_follow_torchs_truncated_distribution(sampling_path, params, scale):
     logits = torch.randn(40, generator=torch.Generator().manual_seed(7)) * scale
     probs = _torch_distribution(logits, params)
