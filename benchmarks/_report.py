@@ -141,6 +141,14 @@ def slim_summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
+def _sampling(w: dict[str, Any]) -> str:
+    """The requests' sampling, as the workload recorded it (runs before 2026-11-28 evening were all greedy)."""
+    t, top_p = w.get("temperature") or 0.0, w.get("top_p")
+    if t == 0.0:
+        return "greedy"
+    return f"temperature {t:g}" + ("" if top_p is None else f", top_p {top_p:g}")
+
+
 def _fmt(v: Any, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -187,7 +195,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{facts['params_lm_head'] / 1e6:.1f}M lm_head matmul parameters), from `{Path(facts['gguf']).name}` "
         f"({', '.join(facts['gguf_types'])}).",
         f"- Workload: `tidellm bench serve`, {w['dataset']} prompts of {w['input_len']} tokens, {w['output_len']} "
-        f"output tokens (ignore_eos, greedy, streamed `/v1/completions`), seed {w['seed']}; prompts and warm-ups "
+        f"output tokens (ignore_eos, {_sampling(w)}, streamed `/v1/completions`), seed {w['seed']}; prompts and "
+        "warm-ups "
         "per concurrency: "
         + ", ".join(
             f"c={c}: {n}+{wu}"

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--input-len", type=int, default=100, help="Prompt tokens (random dataset)")
     p.add_argument("--output-len", type=int, default=128, help="Output tokens (ignore_eos)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Every request's temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="Every request's top_p (default: not sent)")
     p.add_argument("--seed", type=int, default=0, help="Prompt seed: every engine gets the same prompts")
     p.add_argument("--model", default="smollm2-135m", help="tidellm named model (a GGUF fetched from PyPI)")
     p.add_argument("--served-name", default=None, help="Model name in requests (default: --model)")
@@ -340,6 +342,9 @@ def run_bench(
         "--max-concurrency",
         str(c),
         "--ignore-eos",
+        "--temperature",
+        str(args.temperature),
+        *(["--top-p", str(args.top_p)] if args.top_p is not None else []),
         "--num-warmups",
         str(warmups),
         "--seed",
@@ -549,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             "dataset": "random",
             "input_len": args.input_len,
             "output_len": args.output_len,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
             "seed": args.seed,
             "concurrency": args.concurrency,
             "num_prompts": args.num_prompts,

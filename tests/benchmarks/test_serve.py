@@ -58,6 +58,7 @@ RUN_KEYS = {
     "num_warmups",
     "ignore_eos",
     "temperature",
+    "top_p",
     "goodput_slos_ms",
     "percentiles",
     "machine",
@@ -130,9 +131,11 @@ def test_chat_poisson_and_length_ranges(bench_server, smollm2_tokenizer, tmp_pat
         tmp_path,
         *("--base-url", bench_server.url, "--endpoint", "/v1/chat/completions", *args),
         *("--request-rate", "20", "--burstiness", "0.5", "--ignore-eos", "--goodput", "ttft:0.001"),
+        *("--temperature", "0.8", "--top-p", "0.9"),  # sampled requests
     )
     assert proc.returncode == 0, proc.stderr
     assert_sane(r, 6)
+    assert (r["temperature"], r["top_p"]) == (0.8, 0.9)
     asked = sample_random(smollm2_tokenizer, 6, 24, 10, 0.5, seed=3)
     assert r["output_lens"] == [s.expected_output_len for s in asked]
     assert len(set(r["output_lens"])) > 1  # the range ratio really varies them

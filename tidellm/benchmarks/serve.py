@@ -84,6 +84,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-warmups", type=int, default=0, help="Untimed requests sent first.")
     g.add_argument("--ignore-eos", action="store_true", help="Generate exactly the requested output lengths.")
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=None, help="Sent with every request when given.")
 
     g = p.add_argument_group("results")
     g.add_argument(
@@ -218,6 +219,8 @@ def _payload(args: argparse.Namespace, model: str, req: SampleRequest, chat: boo
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if args.top_p is not None:
+        body["top_p"] = args.top_p
     if args.ignore_eos:
         body["ignore_eos"] = True  # vLLM / tidellm / llama.cpp extension
     if chat:
@@ -488,6 +491,7 @@ def main(args: argparse.Namespace) -> int:
             "num_warmups": args.num_warmups,
             "ignore_eos": args.ignore_eos,
             "temperature": args.temperature,
+            "top_p": args.top_p,
             "goodput_slos_ms": slos,
             "percentiles": percentiles,
             "machine": machine_info(),  # the client's; on one machine, the server's too
