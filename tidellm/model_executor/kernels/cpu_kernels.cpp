@@ -1202,14 +1202,22 @@ inline int64_t first_index(const float* x, int64_t v, float target) {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// The candidate levels of a truncated row (truncation_threshold): tokens within 4, 8 or 16 (in logits /
+// temperature) of the maximum, that is e^(l - max l) >= e^-4, e^-8, e^-16.
+constexpr int kLevels = 3;
+const float kLevel[kLevels] = {0.018315639f, 0.00033546262f, 1.1253517e-07f};
+
 // e[i] = e^(x[i] / t - ms) where x[i] / t >= thr and is finite, else 0 (e may be null: the sum alone); returns
-// the sum. ms is the row's maximum of x / t, so every exponent is <= 0.
-float scaled_exp(const float* x, int64_t v, float t, float ms, float thr, float* e) {
+// the sum. ms is the row's maximum of x / t, so every exponent is <= 0. With `levels` (kLevels counts, then
+// kLevels masses) it also counts the tokens at or above each kLevel and sums their e.
+float scaled_exp(const float* x, int64_t v, float t, float ms, float thr, float* e, double* levels = nullptr) {
   float sum = 0.f;
+  int64_t count[kLevels] = {0, 0, 0};
+  float mass[kLevels] = {0.f, 0.f, 0.f};
   int64_t i = 0;
 #ifdef TIDE_AVX2
   const vf vt = vbcast(t), vms = vbcast(-ms);
-  vf acc = vzero();
+  vf acc = vzero(), macc[kLevels] = {vzero(), vzero(), vzero()};
   for (; i + kLanes <= v; i += kLanes) {
     const vf l = vdiv(vload(x + i), vt);
     vf w = vexp_nonpos(vadd(l, vms));
@@ -1217,21 +1225,48 @@ float scaled_exp(const float* x, int64_t v, float t, float ms, float thr, float*
     const __mmask16 keep = _mm512_cmp_ps_mask(l, vbcast(thr), _CMP_GE_OQ) &
                            _mm512_cmp_ps_mask(l, vbcast(kNegInf), _CMP_GT_OQ);
     w = _mm512_maskz_mov_ps(keep, w);
+    if (levels) {
+      for (int j = 0; j < kLevels; ++j) {
+        const __mmask16 in = _mm512_cmp_ps_mask(w, vbcast(kLevel[j]), _CMP_GE_OQ);
+        count[j] += __builtin_popcount(in);
+        macc[j] = _mm512_mask_add_ps(macc[j], in, macc[j], w);
+      }
+    }
 #else
     const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(l, vbcast(thr), _CMP_GE_OQ),
                                       _mm256_cmp_ps(l, vbcast(kNegInf), _CMP_GT_OQ));
     w = _mm256_and_ps(w, keep);
+    if (levels) {
+      for (int j = 0; j < kLevels; ++j) {
+        const __m256 in = _mm256_cmp_ps(w, vbcast(kLevel[j]), _CMP_GE_OQ);
+        count[j] += __builtin_popcount(_mm256_movemask_ps(in));
+        macc[j] = vadd(macc[j], _mm256_and_ps(w, in));
+      }
+    }
 #endif
     if (e) store(e + i, w);
     acc = vadd(acc, w);
   }
   sum = vsum(acc);
+  for (int j = 0; j < kLevels; ++j) mass[j] = vsum(macc[j]);
 #endif
   for (; i < v; ++i) {
     const float l = x[i] / t;
     const float w = (l >= thr && l > kNegInf) ? exp_nonpos(l - ms) : 0.f;
     if (e) e[i] = w;
     sum += w;
+    for (int j = 0; j < kLevels; ++j) {
+      if (w >= kLevel[j]) {
+        ++count[j];
+        mass[j] += w;
+      }
+    }
+  }
+  if (levels) {
+    for (int j = 0; j < kLevels; ++j) {
+      levels[j] = static_cast<double>(count[j]);
+      levels[kLevels + j] = mass[j];
+    }
   }
   return sum;
 }
@@ -1270,38 +1305,36 @@ float mass_threshold(Cand* c, int64_t n, double P) {
 
 // The threshold (in logits / temperature) that top-k, then top-p over the top-k survivors, put on a row, as
 // sampler.apply_top_k_top_p computes it: the k-th largest value (ties kept), then top-p's cut (mass_threshold)
-// within the survivors. e holds every token's e^(l - max l) and z their sum. Only candidates are looked at:
-// the tokens within 4 of the maximum, else 8, 16, or all, the first of these sets that holds k tokens (with
-// top-k) or top_p of the mass (without).
-float truncation_threshold(const float* x, int64_t v, float t, const float* e, double z, int64_t top_k,
-                           float top_p, std::vector<Cand>& cand) {
+// within the survivors. e holds every token's e^(l - max l), z their sum and levels scaled_exp's counts and
+// masses per kLevel. Only candidates are looked at: the tokens of the first level that holds k tokens (with
+// top-k) or top_p of the mass (without), or all tokens.
+float truncation_threshold(const float* x, int64_t v, float t, const float* e, double z, const double* levels,
+                           int64_t top_k, float top_p, std::vector<Cand>& cand) {
   const bool k_on = top_k < v, p_on = top_p < 1.f;
-  for (const float level : {std::exp(-4.f), std::exp(-8.f), std::exp(-16.f), 0.f}) {
-    cand.clear();
-    double mass = 0.0;
-    for (int64_t i = 0; i < v; ++i) {
-      if (e[i] > 0.f && e[i] >= level) {
-        cand.push_back({x[i] / t, e[i]});
-        mass += e[i];
-      }
+  float level = 0.f;
+  for (int j = 0; j < kLevels; ++j) {
+    if (k_on ? levels[j] >= top_k : levels[kLevels + j] >= top_p * z) {
+      level = kLevel[j];
+      break;
     }
-    int64_t n = static_cast<int64_t>(cand.size());
-    if (level > 0.f && (k_on ? n < top_k : mass < top_p * z)) continue;
-    if (n == 0) return kNegInf;
-    float thr = kNegInf;
-    if (k_on) {
-      const int64_t k = std::min(top_k, n);
-      std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
-                       [](const Cand& a, const Cand& b) { return a.l > b.l; });
-      thr = cand[k - 1].l;
-      n = std::partition(cand.begin(), cand.end(), [thr](const Cand& a) { return a.l >= thr; }) - cand.begin();
-      z = 0.0;  // top-p renormalises over the survivors
-      for (int64_t j = 0; j < n; ++j) z += cand[j].e;
-    }
-    if (!p_on) return thr;
-    return std::max(thr, mass_threshold(cand.data(), n, top_p * z));
   }
-  return kNegInf;
+  cand.clear();
+  for (int64_t i = 0; i < v; ++i)
+    if (e[i] > 0.f && e[i] >= level) cand.push_back({x[i] / t, e[i]});
+  int64_t n = static_cast<int64_t>(cand.size());
+  if (n == 0) return kNegInf;
+  float thr = kNegInf;
+  if (k_on) {
+    const int64_t k = std::min(top_k, n);
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(),
+                     [](const Cand& a, const Cand& b) { return a.l > b.l; });
+    thr = cand[k - 1].l;
+    n = std::partition(cand.begin(), cand.end(), [thr](const Cand& a) { return a.l >= thr; }) - cand.begin();
+    z = 0.0;  // top-p renormalises over the survivors
+    for (int64_t j = 0; j < n; ++j) z += cand[j].e;
+  }
+  if (!p_on) return thr;
+  return std::max(thr, mass_threshold(cand.data(), n, top_p * z));
 }
 
 int64_t sample_row(const float* x, int64_t v, float t, int64_t top_k, float top_p, float min_p, uint64_t key,
@@ -1310,9 +1343,11 @@ int64_t sample_row(const float* x, int64_t v, float t, int64_t top_k, float top_
   if (t <= 0.f || !std::isfinite(mx)) return first_index(x, v, mx);
   const float ms = mx / t;
   e.resize(v);
-  float sum = scaled_exp(x, v, t, ms, kNegInf, e.data());
+  const bool cut = top_k < v || top_p < 1.f;
+  double levels[2 * kLevels];
+  float sum = scaled_exp(x, v, t, ms, kNegInf, e.data(), cut ? levels : nullptr);
   float thr = kNegInf;
-  if (top_k < v || top_p < 1.f) thr = truncation_threshold(x, v, t, e.data(), sum, top_k, top_p, cand);
+  if (cut) thr = truncation_threshold(x, v, t, e.data(), sum, levels, top_k, top_p, cand);
   if (min_p > 0.f) thr = std::max(thr, ms + std::log(min_p));  // p >= min_p * p_max, as a logit
   if (thr > kNegInf) sum = scaled_exp(x, v, t, ms, thr, e.data());
   const double target = (mix64(key) >> 11) * 0x1.0p-53 * sum;  // u * sum, u in [0, 1)
