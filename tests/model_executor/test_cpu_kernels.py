@@ -542,3 +542,33 @@ def test_sample_kernel_argmax_and_truncated_draws() -> None:
     chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     dof = int(keep.sum()) - 1
     assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10
+
+
+@pytest.mark.parametrize("scale", [0.05, 0.5, 2.0])  # flat (tens of thousands of candidates) to peaked
+@pytest.mark.parametrize(
+    ("top_k", "top_p"), [(None, 0.5), (None, 0.9), (None, 0.999), (300, 0.8), (20, None)]
+)
+def test_sample_kernel_keeps_torchs_tokens(scale, top_k, top_p) -> None:
+    """The kernel's top-k/top-p cut on a 49k-token row keeps the tokens torch's path keeps, however many
+    candidates it sorts through (its histogram narrowing of flat rows included): top-k exactly; with top-p
+    the two sets are nested and differ only by tokens whose mass is rounding (torch sums the mass in float32,
+    the kernel in double), under 1e-4 of the row."""
+    import ctypes
+
+    from tidellm.sample.sampler import apply_top_k_top_p
+
+    v, t = 49152, 0.8
+    row = torch.randn(v, generator=torch.Generator().manual_seed(int(scale * 100))) * scale
+    k = torch.tensor([top_k if top_k is not None else v])
+    p = None if top_p is None else torch.tensor([top_p])
+    kept_torch = apply_top_k_top_p((row / t).unsqueeze(0), k, p)[0] > float("-inf")
+    thr = cpu_kernels.library().tide_truncation_threshold(
+        row.data_ptr(), v, ctypes.c_float(t), int(k), ctypes.c_float(1.0 if top_p is None else top_p)
+    )
+    kept_kernel = row / t >= thr
+    if top_p is None:
+        assert torch.equal(kept_kernel, kept_torch)
+        return
+    assert bool((kept_kernel & ~kept_torch).any()) + bool((kept_torch & ~kept_kernel).any()) <= 1  # nested
+    probs = torch.softmax(row.double() / t, -1)
+    assert float(probs[kept_kernel ^ kept_torch].sum()) < 1e-4

@@ -125,6 +125,8 @@ def library() -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.tide_sample.argtypes = [_ptr, _i64, _i64] + [_ptr] * 6
     lib.tide_sample.restype = None
+    lib.tide_truncation_threshold.argtypes = [_ptr, _i64, ctypes.c_float, _i64, ctypes.c_float]
+    lib.tide_truncation_threshold.restype = ctypes.c_float
     lib.tide_simd_level.restype = ctypes.c_int
     return lib
 

@@ -1281,6 +1281,28 @@ struct Cand {
 // quickselect, expected linear: a model unsure of its next token spreads 95% of the mass over thousands of
 // tokens, which a sort would take milliseconds a row to order.
 float mass_threshold(Cand* c, int64_t n, double P) {
+  if (n > 4096) {
+    // Many candidates (a flat row): narrow to the one bin of a 1024-bin histogram of their values where the
+    // cumulative mass from the top reaches P (every token above it is kept), two passes instead of the
+    // quickselect's many over all of them.
+    float top = c[0].l, bottom = c[0].l;
+    for (int64_t j = 1; j < n; ++j) {
+      top = std::max(top, c[j].l);
+      bottom = std::min(bottom, c[j].l);
+    }
+    if (top > bottom) {
+      constexpr int kBins = 1024;
+      const float scale = kBins / (top - bottom);
+      const auto bin = [top, scale](float l) { return std::min(kBins - 1, static_cast<int>((top - l) * scale)); };
+      std::vector<double> mass(kBins, 0.0);
+      for (int64_t j = 0; j < n; ++j) mass[bin(c[j].l)] += c[j].e;
+      int b = 0;
+      double above = 0.0;
+      for (; b < kBins - 1 && above + mass[b] < P; ++b) above += mass[b];
+      Cand* end = std::partition(c, c + n, [&bin, b](const Cand& x) { return bin(x.l) == b; });
+      return mass_threshold(c, end - c, P - above);
+    }
+  }
   int64_t lo = 0, hi = n;
   float last = kNegInf;
   while (lo < hi) {
@@ -1558,6 +1580,17 @@ void tide_sample(const float* logits, int64_t n, int64_t v, const float* temps, 
                                              min_p ? min_p[r] : 0.f, keys ? keys[r] : 0, e, cand);
     }
   }
+}
+
+// The logit / temperature threshold sample_row puts on one row for top-k (>= v: off) and top-p (>= 1: off):
+// tokens at or above it are kept (for tests against the torch path's cut).
+float tide_truncation_threshold(const float* x, int64_t v, float t, int64_t top_k, float top_p) {
+  const float ms = row_max(x, v) / t;
+  std::vector<float> e(v);
+  std::vector<Cand> cand;
+  double levels[2 * kLevels];
+  const float sum = scaled_exp(x, v, t, ms, kNegInf, e.data(), levels);
+  return truncation_threshold(x, v, t, e.data(), sum, levels, top_k, top_p, cand);
 }
 
 int tide_simd_level() {
