@@ -7,7 +7,8 @@
 //   Q4_1 block: value[j] = d * q[j] + m, q in 0..15; byte j of the 16 code bytes holds element j in its
 //   low nibble and element j + 16 in its high nibble (ggml's order).
 //   Q8_0 block: value[j] = d * q[j], q int8.
-// Also: a fused residual add + RMSNorm, and decode attention read in place from the paged KV cache.
+// Also: a fused residual add + RMSNorm, decode attention read in place from the paged KV cache, and the
+// sampler's last stage (argmax, top-k/top-p/min-p, the draw).
 //
 // Threads: OpenMP. The process's libgomp is torch's (loaded first), so these share torch's thread pool and
 // follow torch.set_num_threads.
